@@ -1,0 +1,17 @@
+//! packenv-core: what an environment build is, without any database.
+//!
+//! # Layout
+//! - [`spec`]: parses `runtime.installers` (steps, executables, env vars) with errors that say
+//!   where the JSON is wrong.
+//! - [`template`]: strict `{variable}` rendering of step fields.
+//! - [`runner`]: runs one command in its own process group with a scrubbed environment, a
+//!   timeout, and output captured into a [`log::CappedLog`].
+//! - [`layout`]: where builds live under the envs root, path safety, the atomic symlink switch.
+//!
+//! The queue, the claim and everything that talks to PostgreSQL live in the `packenvd` crate.
+
+pub mod layout;
+pub mod log;
+pub mod runner;
+pub mod spec;
+pub mod template;

@@ -1,0 +1,217 @@
+//! Runs one installer command: an argument vector (never a shell), its own process group, a
+//! scrubbed environment given by the caller, output merged into a [`CappedLog`] as it is read,
+//! and a timeout or cancellation that kills the whole group.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use tokio::io::{AsyncRead, AsyncReadExt};
+use tokio_util::sync::CancellationToken;
+
+use crate::log::CappedLog;
+
+/// A command ready to run: everything rendered, the environment complete.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub program: String,
+    pub args: Vec<String>,
+    pub cwd: PathBuf,
+    /// The whole environment of the child; nothing is inherited from the daemon.
+    pub env: BTreeMap<String, String>,
+    pub timeout: Duration,
+}
+
+impl Invocation {
+    /// The command line as one would type it, for logs and error messages.
+    pub fn display(&self) -> String {
+        std::iter::once(&self.program)
+            .chain(&self.args)
+            .map(|a| {
+                if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c)) {
+                    format!("'{}'", a.replace('\'', r"'\''"))
+                } else {
+                    a.clone()
+                }
+            })
+            .collect::<Vec<_>>()
+            .join(" ")
+    }
+}
+
+/// How a command ended.
+#[derive(Debug)]
+pub enum Outcome {
+    /// It exited; `status.success()` says whether with 0.
+    Exited(ExitStatus),
+    /// It ran past its timeout and its process group was killed.
+    TimedOut(Duration),
+    /// The build was cancelled (shutdown, lost claim) and the process group was killed.
+    Cancelled,
+    /// It could not be started (no such command, not executable, bad working directory).
+    SpawnFailed(std::io::Error),
+}
+
+impl Outcome {
+    pub fn success(&self) -> bool {
+        matches!(self, Outcome::Exited(s) if s.success())
+    }
+
+    /// "exited with status 1", "was killed by signal 9", "timed out after 15m", ...
+    pub fn describe(&self) -> String {
+        use std::os::unix::process::ExitStatusExt;
+        match self {
+            Outcome::Exited(s) => match (s.code(), s.signal()) {
+                (Some(code), _) => format!("exited with status {code}"),
+                (None, Some(sig)) => {
+                    let name = Signal::try_from(sig).map_or_else(|_| "?".into(), |s| s.to_string());
+                    format!("was killed by signal {sig} ({name})")
+                }
+                _ => format!("ended with {s}"),
+            },
+            Outcome::TimedOut(t) => {
+                format!("timed out after {} and was killed", humantime::format_duration(*t))
+            }
+            Outcome::Cancelled => "was cancelled and killed".into(),
+            Outcome::SpawnFailed(e) => format!("could not be started: {e}"),
+        }
+    }
+}
+
+/// After the main process ends, how long to wait for the output pipes to drain. A grandchild
+/// that left the process group (setsid) can hold them open forever.
+const DRAIN_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs `inv`, appending its stdout and stderr to `log`.
+pub async fn run(inv: &Invocation, log: &Arc<Mutex<CappedLog>>, cancel: &CancellationToken) -> Outcome {
+    let mut cmd = tokio::process::Command::new(&inv.program);
+    cmd.args(&inv.args)
+        .current_dir(&inv.cwd)
+        .env_clear()
+        .envs(&inv.env)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = match cmd.spawn() {
+        Ok(child) => child,
+        Err(e) => return Outcome::SpawnFailed(e),
+    };
+    // With process_group(0) the group id is the child's pid.
+    let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let readers = [
+        child.stdout.take().map(|r| tokio::spawn(pump(r, log.clone()))),
+        child.stderr.take().map(|r| tokio::spawn(pump(r, log.clone()))),
+    ];
+
+    let started = Instant::now();
+    let outcome = tokio::select! {
+        status = child.wait() => match status {
+            Ok(status) => Outcome::Exited(status),
+            Err(e) => Outcome::SpawnFailed(e),
+        },
+        () = tokio::time::sleep(inv.timeout) => Outcome::TimedOut(started.elapsed()),
+        () = cancel.cancelled() => Outcome::Cancelled,
+    };
+    // Kill the whole group in every case: on timeout or cancel to stop the work, and after a
+    // normal exit so that nothing the step left in the background outlives it.
+    if let Some(pgid) = pgid {
+        let _ = killpg(pgid, Signal::SIGKILL);
+    }
+    let _ = child.wait().await;
+    for reader in readers.into_iter().flatten() {
+        let abort = reader.abort_handle();
+        if tokio::time::timeout(DRAIN_GRACE, reader).await.is_err() {
+            abort.abort();
+        }
+    }
+    outcome
+}
+
+async fn pump(mut reader: impl AsyncRead + Unpin, log: Arc<Mutex<CappedLog>>) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        match reader.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                tracing::debug!(output = %String::from_utf8_lossy(&buf[..n]).trim_end(), "step output");
+                log.lock().unwrap_or_else(|p| p.into_inner()).write(&buf[..n]);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inv(program: &str, args: &[&str], timeout: Duration) -> Invocation {
+        Invocation {
+            program: program.into(),
+            args: args.iter().map(|s| s.to_string()).collect(),
+            cwd: std::env::temp_dir(),
+            env: [("PATH".to_string(), "/usr/bin:/bin".to_string())].into(),
+            timeout,
+        }
+    }
+
+    #[tokio::test]
+    async fn output_of_both_streams_reaches_the_log() {
+        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let out = run(
+            &inv("sh", &["-c", "echo out; echo err >&2; exit 3"], Duration::from_secs(10)),
+            &log,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert_eq!(out.describe(), "exited with status 3");
+        let text = log.lock().unwrap().render();
+        assert!(text.contains("out\n") && text.contains("err\n"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn the_environment_is_exactly_what_was_given() {
+        std::env::set_var("PACKENV_SECRET_FOR_TEST", "leak");
+        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let out = run(&inv("env", &[], Duration::from_secs(10)), &log, &CancellationToken::new()).await;
+        assert!(out.success());
+        assert_eq!(log.lock().unwrap().render().trim(), "PATH=/usr/bin:/bin");
+    }
+
+    #[tokio::test]
+    async fn a_timeout_kills_the_whole_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("grandchild-alive");
+        let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
+        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let started = Instant::now();
+        let out = run(
+            &inv("sh", &["-c", &script], Duration::from_millis(300)),
+            &log,
+            &CancellationToken::new(),
+        )
+        .await;
+        assert!(matches!(out, Outcome::TimedOut(_)), "{out:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(!marker.exists(), "the grandchild outlived the timeout");
+    }
+
+    #[tokio::test]
+    async fn a_missing_command_fails_to_spawn() {
+        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let out = run(&inv("no-such-command-xyz", &[], Duration::from_secs(1)), &log, &CancellationToken::new()).await;
+        assert!(matches!(out, Outcome::SpawnFailed(_)), "{out:?}");
+    }
+
+    #[test]
+    fn display_quotes_what_a_shell_would_split() {
+        let i = inv("pip", &["install", "-r", "/a b/req.txt", ""], Duration::from_secs(1));
+        assert_eq!(i.display(), "pip install -r '/a b/req.txt' ''");
+    }
+}
