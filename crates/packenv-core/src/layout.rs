@@ -31,7 +31,11 @@ pub enum LayoutError {
 }
 
 fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> LayoutError + 'a {
-    move |source| LayoutError::Io { what, path: path.to_owned(), source }
+    move |source| LayoutError::Io {
+        what,
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// A name that is safe as one path component: no separators, no `..`, no leading dot.
@@ -40,7 +44,8 @@ fn is_safe_component(s: &str) -> bool {
         && s.len() <= 128
         && !s.contains("..")
         && s.starts_with(|c: char| c.is_ascii_alphanumeric() || c == '_')
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
 }
 
 /// Checks `pack_ref` against the strict pattern of DESIGN §6.
@@ -112,7 +117,10 @@ impl EnvLocation {
                         path: given.to_owned(),
                         root: root.clone(),
                     })?;
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default();
+                let name = path
+                    .file_name()
+                    .and_then(|n| n.to_str())
+                    .unwrap_or_default();
                 if path.parent() != Some(pack_dir.as_path()) || !is_safe_component(name) {
                     return Err(LayoutError::BadEnvPath(given.to_owned()));
                 }
@@ -123,7 +131,10 @@ impl EnvLocation {
     }
 
     fn name(&self) -> &str {
-        self.env_path.file_name().and_then(|n| n.to_str()).unwrap_or_default()
+        self.env_path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
     }
 
     /// The directory of the build identified by `token`.
@@ -135,10 +146,10 @@ impl EnvLocation {
     /// symlink out of the envs root.
     pub fn create_build_dir(&self, envs_root: &Path, token: &str) -> Result<PathBuf, LayoutError> {
         std::fs::create_dir_all(&self.pack_dir).map_err(io_err("cannot create", &self.pack_dir))?;
-        let real_root =
-            std::fs::canonicalize(envs_root).map_err(io_err("cannot resolve envs root", envs_root))?;
-        let real_pack_dir =
-            std::fs::canonicalize(&self.pack_dir).map_err(io_err("cannot resolve", &self.pack_dir))?;
+        let real_root = std::fs::canonicalize(envs_root)
+            .map_err(io_err("cannot resolve envs root", envs_root))?;
+        let real_pack_dir = std::fs::canonicalize(&self.pack_dir)
+            .map_err(io_err("cannot resolve", &self.pack_dir))?;
         if real_pack_dir.parent() != Some(real_root.as_path()) {
             return Err(LayoutError::OutsideRoot {
                 path: real_pack_dir.display().to_string(),
@@ -154,18 +165,24 @@ impl EnvLocation {
     /// older in-place installer is moved aside first (returned), since `rename` cannot replace
     /// a non-empty directory.
     pub fn switch_to(&self, build_dir: &Path) -> Result<Option<PathBuf>, LayoutError> {
-        let target = build_dir.file_name().map(PathBuf::from).ok_or_else(|| {
-            LayoutError::BadEnvPath(build_dir.display().to_string())
-        })?;
+        let target = build_dir
+            .file_name()
+            .map(PathBuf::from)
+            .ok_or_else(|| LayoutError::BadEnvPath(build_dir.display().to_string()))?;
         let mut moved_aside = None;
         if let Ok(meta) = std::fs::symlink_metadata(&self.env_path) {
             if meta.is_dir() {
-                let aside = self.pack_dir.join(format!(".{}-legacy-{}", self.name(), std::process::id()));
-                std::fs::rename(&self.env_path, &aside).map_err(io_err("cannot move aside", &self.env_path))?;
+                let aside =
+                    self.pack_dir
+                        .join(format!(".{}-legacy-{}", self.name(), std::process::id()));
+                std::fs::rename(&self.env_path, &aside)
+                    .map_err(io_err("cannot move aside", &self.env_path))?;
                 moved_aside = Some(aside);
             }
         }
-        let tmp = self.pack_dir.join(format!(".{}.switch-{}", self.name(), std::process::id()));
+        let tmp = self
+            .pack_dir
+            .join(format!(".{}.switch-{}", self.name(), std::process::id()));
         let _ = std::fs::remove_file(&tmp);
         // Relative target: the envs root can be moved or mounted elsewhere as a whole.
         std::os::unix::fs::symlink(&target, &tmp).map_err(io_err("cannot create symlink", &tmp))?;
@@ -190,7 +207,18 @@ mod tests {
         for ok in ["core", "my_pack", "pack-2", "a.b", "_x"] {
             validate_pack_ref(ok).unwrap();
         }
-        for bad in ["", "..", "a/b", "../x", ".hidden", "a..b", "-x", "a b", "ü", &"x".repeat(129)] {
+        for bad in [
+            "",
+            "..",
+            "a/b",
+            "../x",
+            ".hidden",
+            "a..b",
+            "-x",
+            "a b",
+            "ü",
+            &"x".repeat(129),
+        ] {
             assert!(validate_pack_ref(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -205,8 +233,17 @@ mod tests {
         let given = EnvLocation::new(root, "web", "Python", Some("/srv/envs/web/py")).unwrap();
         assert_eq!(given.env_path, Path::new("/srv/envs/web/py"));
 
-        for bad in ["/etc/passwd", "/srv/envs/../etc", "relative/path", "/srv/envs/other/python", "/srv/envs/web/.hidden"] {
-            assert!(EnvLocation::new(root, "web", "Python", Some(bad)).is_err(), "{bad} accepted");
+        for bad in [
+            "/etc/passwd",
+            "/srv/envs/../etc",
+            "relative/path",
+            "/srv/envs/other/python",
+            "/srv/envs/web/.hidden",
+        ] {
+            assert!(
+                EnvLocation::new(root, "web", "Python", Some(bad)).is_err(),
+                "{bad} accepted"
+            );
         }
     }
 
@@ -217,11 +254,17 @@ mod tests {
         let a = loc.create_build_dir(tmp.path(), "a").unwrap();
         std::fs::write(a.join("f"), "a").unwrap();
         loc.switch_to(&a).unwrap();
-        assert_eq!(std::fs::read_to_string(loc.env_path.join("f")).unwrap(), "a");
+        assert_eq!(
+            std::fs::read_to_string(loc.env_path.join("f")).unwrap(),
+            "a"
+        );
         let b = loc.create_build_dir(tmp.path(), "b").unwrap();
         std::fs::write(b.join("f"), "b").unwrap();
         loc.switch_to(&b).unwrap();
-        assert_eq!(std::fs::read_to_string(loc.env_path.join("f")).unwrap(), "b");
+        assert_eq!(
+            std::fs::read_to_string(loc.env_path.join("f")).unwrap(),
+            "b"
+        );
         assert_eq!(loc.current_build().unwrap(), b);
         assert!(a.exists(), "the old build stays for running processes");
     }
@@ -243,7 +286,10 @@ mod tests {
         let outside = tempfile::tempdir().unwrap();
         std::os::unix::fs::symlink(outside.path(), tmp.path().join("p")).unwrap();
         let loc = EnvLocation::new(tmp.path(), "p", "python", None).unwrap();
-        assert!(matches!(loc.create_build_dir(tmp.path(), "a"), Err(LayoutError::OutsideRoot { .. })));
+        assert!(matches!(
+            loc.create_build_dir(tmp.path(), "a"),
+            Err(LayoutError::OutsideRoot { .. })
+        ));
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
     }
 }

@@ -32,7 +32,8 @@ impl Invocation {
         std::iter::once(&self.program)
             .chain(&self.args)
             .map(|a| {
-                if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c)) {
+                if a.is_empty() || a.contains(|c: char| c.is_whitespace() || "'\"\\$`".contains(c))
+                {
                     format!("'{}'", a.replace('\'', r"'\''"))
                 } else {
                     a.clone()
@@ -74,7 +75,10 @@ impl Outcome {
                 _ => format!("ended with {s}"),
             },
             Outcome::TimedOut(t) => {
-                format!("timed out after {} and was killed", humantime::format_duration(*t))
+                format!(
+                    "timed out after {} and was killed",
+                    humantime::format_duration(*t)
+                )
             }
             Outcome::Cancelled => "was cancelled and killed".into(),
             Outcome::SpawnFailed(e) => format!("could not be started: {e}"),
@@ -87,7 +91,11 @@ impl Outcome {
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs `inv`, appending its stdout and stderr to `log`.
-pub async fn run(inv: &Invocation, log: &Arc<Mutex<CappedLog>>, cancel: &CancellationToken) -> Outcome {
+pub async fn run(
+    inv: &Invocation,
+    log: &Arc<Mutex<CappedLog>>,
+    cancel: &CancellationToken,
+) -> Outcome {
     let mut cmd = tokio::process::Command::new(&inv.program);
     cmd.args(&inv.args)
         .current_dir(&inv.cwd)
@@ -103,10 +111,19 @@ pub async fn run(inv: &Invocation, log: &Arc<Mutex<CappedLog>>, cancel: &Cancell
         Err(e) => return Outcome::SpawnFailed(e),
     };
     // With process_group(0) the group id is the child's pid.
-    let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+    let pgid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
     let readers = [
-        child.stdout.take().map(|r| tokio::spawn(pump(r, log.clone()))),
-        child.stderr.take().map(|r| tokio::spawn(pump(r, log.clone()))),
+        child
+            .stdout
+            .take()
+            .map(|r| tokio::spawn(pump(r, log.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|r| tokio::spawn(pump(r, log.clone()))),
     ];
 
     let started = Instant::now();
@@ -140,7 +157,9 @@ async fn pump(mut reader: impl AsyncRead + Unpin, log: Arc<Mutex<CappedLog>>) {
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 tracing::debug!(output = %String::from_utf8_lossy(&buf[..n]).trim_end(), "step output");
-                log.lock().unwrap_or_else(|p| p.into_inner()).write(&buf[..n]);
+                log.lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .write(&buf[..n]);
             }
         }
     }
@@ -164,7 +183,11 @@ mod tests {
     async fn output_of_both_streams_reaches_the_log() {
         let log = Arc::new(Mutex::new(CappedLog::new(4096)));
         let out = run(
-            &inv("sh", &["-c", "echo out; echo err >&2; exit 3"], Duration::from_secs(10)),
+            &inv(
+                "sh",
+                &["-c", "echo out; echo err >&2; exit 3"],
+                Duration::from_secs(10),
+            ),
             &log,
             &CancellationToken::new(),
         )
@@ -178,7 +201,12 @@ mod tests {
     async fn the_environment_is_exactly_what_was_given() {
         std::env::set_var("PACKENV_SECRET_FOR_TEST", "leak");
         let log = Arc::new(Mutex::new(CappedLog::new(4096)));
-        let out = run(&inv("env", &[], Duration::from_secs(10)), &log, &CancellationToken::new()).await;
+        let out = run(
+            &inv("env", &[], Duration::from_secs(10)),
+            &log,
+            &CancellationToken::new(),
+        )
+        .await;
         assert!(out.success());
         assert_eq!(log.lock().unwrap().render().trim(), "PATH=/usr/bin:/bin");
     }
@@ -205,13 +233,22 @@ mod tests {
     #[tokio::test]
     async fn a_missing_command_fails_to_spawn() {
         let log = Arc::new(Mutex::new(CappedLog::new(4096)));
-        let out = run(&inv("no-such-command-xyz", &[], Duration::from_secs(1)), &log, &CancellationToken::new()).await;
+        let out = run(
+            &inv("no-such-command-xyz", &[], Duration::from_secs(1)),
+            &log,
+            &CancellationToken::new(),
+        )
+        .await;
         assert!(matches!(out, Outcome::SpawnFailed(_)), "{out:?}");
     }
 
     #[test]
     fn display_quotes_what_a_shell_would_split() {
-        let i = inv("pip", &["install", "-r", "/a b/req.txt", ""], Duration::from_secs(1));
+        let i = inv(
+            "pip",
+            &["install", "-r", "/a b/req.txt", ""],
+            Duration::from_secs(1),
+        );
         assert_eq!(i.display(), "pip install -r '/a b/req.txt' ''");
     }
 }

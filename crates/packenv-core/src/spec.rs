@@ -142,7 +142,11 @@ fn parse_at<T: serde::de::DeserializeOwned>(value: &serde_json::Value) -> Result
     serde_path_to_error::deserialize(value).map_err(|e| {
         let path = e.path().to_string();
         SpecError {
-            path: if path == "." { "(top level)".into() } else { path },
+            path: if path == "." {
+                "(top level)".into()
+            } else {
+                path
+            },
             message: e.into_inner().to_string(),
         }
     })

@@ -34,7 +34,10 @@ pub struct Vars {
 impl Vars {
     /// Sets a variable; only names from [`VARIABLES`] are accepted.
     pub fn set(&mut self, name: &'static str, value: impl Into<String>) -> &mut Self {
-        debug_assert!(VARIABLES.contains(&name), "{name} is not a template variable");
+        debug_assert!(
+            VARIABLES.contains(&name),
+            "{name} is not a template variable"
+        );
         self.values.insert(name, value.into());
         self
     }
@@ -61,13 +64,17 @@ impl Vars {
                         .ok_or(TemplateError::Unclosed { at: i })?;
                     let name = &template[i + 1..i + 1 + close];
                     if !VARIABLES.contains(&name) {
-                        return Err(TemplateError::UnknownVariable { name: name.to_owned() });
+                        return Err(TemplateError::UnknownVariable {
+                            name: name.to_owned(),
+                        });
                     }
                     // A known variable that this build did not set is a bug in the caller, but
                     // it must still not run a command with a hole in it.
                     let value = self
                         .get(name)
-                        .ok_or_else(|| TemplateError::UnknownVariable { name: name.to_owned() })?;
+                        .ok_or_else(|| TemplateError::UnknownVariable {
+                            name: name.to_owned(),
+                        })?;
                     out.push_str(value);
                     i += close + 2;
                 }
@@ -79,7 +86,9 @@ impl Vars {
                 _ => {
                     // Copy the run up to the next brace in one go; braces are ASCII, so the
                     // slice boundaries are always on UTF-8 character boundaries.
-                    let next = template[i..].find(['{', '}']).map_or(bytes.len(), |off| i + off);
+                    let next = template[i..]
+                        .find(['{', '}'])
+                        .map_or(bytes.len(), |off| i + off);
                     out.push_str(&template[i..next]);
                     i = next;
                 }
@@ -101,7 +110,10 @@ mod tests {
 
     #[test]
     fn known_variables_are_substituted() {
-        assert_eq!(vars().render("{env_path}/bin/pip").unwrap(), "/envs/p/python/bin/pip");
+        assert_eq!(
+            vars().render("{env_path}/bin/pip").unwrap(),
+            "/envs/p/python/bin/pip"
+        );
         assert_eq!(vars().render("a{pack_ref}b{pack_ref}").unwrap(), "apbp");
         assert_eq!(vars().render("plain ünïcode").unwrap(), "plain ünïcode");
     }
@@ -114,14 +126,28 @@ mod tests {
     #[test]
     fn unknown_variable_is_an_error_naming_it() {
         let err = vars().render("{env_pth}/bin").unwrap_err();
-        assert_eq!(err, TemplateError::UnknownVariable { name: "env_pth".into() });
+        assert_eq!(
+            err,
+            TemplateError::UnknownVariable {
+                name: "env_pth".into()
+            }
+        );
         assert!(err.to_string().contains("{env_pth}"));
     }
 
     #[test]
     fn unclosed_and_unmatched_braces_are_errors() {
-        assert_eq!(vars().render("x {env_path").unwrap_err(), TemplateError::Unclosed { at: 2 });
-        assert_eq!(vars().render("{a{env_path}").unwrap_err(), TemplateError::Unclosed { at: 0 });
-        assert_eq!(vars().render("x }").unwrap_err(), TemplateError::Unmatched { at: 2 });
+        assert_eq!(
+            vars().render("x {env_path").unwrap_err(),
+            TemplateError::Unclosed { at: 2 }
+        );
+        assert_eq!(
+            vars().render("{a{env_path}").unwrap_err(),
+            TemplateError::Unclosed { at: 0 }
+        );
+        assert_eq!(
+            vars().render("x }").unwrap_err(),
+            TemplateError::Unmatched { at: 2 }
+        );
     }
 }

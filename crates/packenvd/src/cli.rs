@@ -1,0 +1,233 @@
+//! Command-line interface: parsing and the operator commands. `main.rs` only dispatches.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use sqlx::PgPool;
+
+use crate::config::{Layers, Settings, Source};
+use crate::store;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "packenvd",
+    version,
+    about = "Builds and keeps an isolated environment per pack and runtime, driven by PostgreSQL"
+)]
+pub struct Cli {
+    /// Config file (TOML). Default: /etc/packenvd/packenvd.toml when it exists.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the database migrations.
+    Migrate,
+    /// Run the daemon: claim pending and outdated rows and build their environments.
+    Run(RunArgs),
+    /// Show environments as a table (or JSON).
+    Status {
+        /// Only this pack.
+        #[arg(long)]
+        pack: Option<String>,
+        /// Only rows in this status (pending, installing, ready, failed, outdated).
+        #[arg(long)]
+        status: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask for an environment (what a pack install does): creates the row or sends it back to pending.
+    Request { pack: String, runtime: String },
+    /// Force a rebuild from scratch: reset rows to pending.
+    Rebuild {
+        /// The pack; with --failed, may be omitted to reset every failed row.
+        pack: Option<String>,
+        runtime: Option<String>,
+        /// Only rows that are `failed`.
+        #[arg(long)]
+        failed: bool,
+    },
+    /// Print the install log and error of one environment.
+    Logs { pack: String, runtime: String },
+    /// Print the effective configuration and where each value came from, secrets masked.
+    CheckConfig(RunArgs),
+}
+
+/// Flags that override the config file and environment.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RunArgs {
+    #[arg(long)]
+    pub envs_root: Option<String>,
+    #[arg(long)]
+    pub packs_dir: Option<String>,
+    #[arg(long)]
+    pub cache_dir: Option<String>,
+    #[arg(long)]
+    pub concurrency: Option<String>,
+    /// e.g. "5s"
+    #[arg(long)]
+    pub poll_interval: Option<String>,
+    /// e.g. "15m"
+    #[arg(long)]
+    pub step_timeout: Option<String>,
+    /// Exit once no row is pending, outdated or installing (for batch jobs and the demo).
+    #[arg(long)]
+    pub until_done: bool,
+}
+
+impl RunArgs {
+    pub fn overrides(&self) -> BTreeMap<&'static str, String> {
+        [
+            ("envs_root", &self.envs_root),
+            ("packs_dir", &self.packs_dir),
+            ("cache_dir", &self.cache_dir),
+            ("concurrency", &self.concurrency),
+            ("poll_interval", &self.poll_interval),
+            ("step_timeout", &self.step_timeout),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
+        .collect()
+    }
+}
+
+/// Loads the settings for `cli`; the caller exits with status 2 on error.
+pub fn load_settings(
+    cli: &Cli,
+    require_database: bool,
+) -> Result<(Settings, BTreeMap<&'static str, Source>), crate::config::ConfigError> {
+    let flags = match &cli.command {
+        Command::Run(a) | Command::CheckConfig(a) => a.overrides(),
+        _ => BTreeMap::new(),
+    };
+    Settings::load(
+        Layers::from_process_env(cli.config.clone(), flags),
+        require_database,
+    )
+}
+
+/// `packenvd status`.
+pub async fn status(
+    pool: &PgPool,
+    pack: Option<&str>,
+    status: Option<&str>,
+    json: bool,
+) -> anyhow::Result<()> {
+    let rows = store::status(pool, pack, status)
+        .await
+        .context("reading v_pack_environment_status")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    table.set_header([
+        "pack", "runtime", "status", "attempts", "env_path", "updated", "error",
+    ]);
+    let now = chrono::Utc::now();
+    for r in &rows {
+        let mut st = r.status.clone();
+        if r.status == "pending" && r.run_after > now {
+            st = format!(
+                "pending (retry in {}s)",
+                (r.run_after - now).num_seconds().max(0)
+            );
+        }
+        if r.needs_verification {
+            st.push_str(" (needs verification)");
+        }
+        let error = r
+            .install_error
+            .as_deref()
+            .and_then(|e| e.lines().next())
+            .unwrap_or("");
+        table.add_row([
+            r.pack_ref.clone(),
+            r.runtime_ref.clone(),
+            st,
+            r.attempts.to_string(),
+            r.env_path.clone().unwrap_or_else(|| "-".into()),
+            r.updated.format("%Y-%m-%d %H:%M:%S").to_string(),
+            truncate(error, 100),
+        ]);
+    }
+    println!("{table}");
+    println!("{} environment(s)", rows.len());
+    Ok(())
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        s.chars().take(max - 1).collect::<String>() + "…"
+    }
+}
+
+/// `packenvd request`.
+pub async fn request(pool: &PgPool, pack: &str, runtime: &str) -> anyhow::Result<()> {
+    let (id, status) = store::request(pool, pack, runtime)
+        .await
+        .map_err(db_message)?;
+    println!("{pack} {runtime}: {status} (pack_environment.id = {id})");
+    Ok(())
+}
+
+/// `packenvd rebuild`.
+pub async fn rebuild(
+    pool: &PgPool,
+    pack: Option<&str>,
+    runtime: Option<&str>,
+    failed: bool,
+) -> anyhow::Result<()> {
+    if pack.is_none() && !failed {
+        anyhow::bail!("name a pack, or use --failed to reset every failed environment");
+    }
+    let rows = store::rebuild(pool, pack, runtime, failed).await?;
+    if rows.is_empty() {
+        anyhow::bail!("no environment matched");
+    }
+    for (p, r) in &rows {
+        println!("{p} {r}: reset to pending");
+    }
+    Ok(())
+}
+
+/// `packenvd logs`.
+pub async fn logs(pool: &PgPool, pack: &str, runtime: &str) -> anyhow::Result<()> {
+    let Some(l) = store::logs(pool, pack, runtime).await? else {
+        anyhow::bail!("no environment for pack {pack} and runtime {runtime}");
+    };
+    println!("status: {}", l.status);
+    if let Some(e) = &l.install_error {
+        println!("error: {e}");
+    }
+    println!(
+        "--- install log ---\n{}",
+        l.install_log.as_deref().unwrap_or("(none yet)")
+    );
+    Ok(())
+}
+
+/// A database error raised by our SQL functions carries a message meant for people.
+fn db_message(e: sqlx::Error) -> anyhow::Error {
+    match e.as_database_error() {
+        Some(db) => anyhow::anyhow!("{}", db.message()),
+        None => e.into(),
+    }
+}

@@ -1,0 +1,326 @@
+//! Every SQL statement of packenvd, one function each. Queries are checked at run time
+//! (`sqlx::query_as`), and the integration tests run each of them against a real PostgreSQL.
+//!
+//! Fencing (DESIGN §3): every write for a claimed row says `WHERE id = $1 AND claim_token = $2`
+//! and reports whether it matched, so a stale build never overwrites a reset or another claim.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+/// Migrations embedded from the workspace's `migrations/` directory.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// The channel the NOTIFY trigger sends on.
+pub const WAKEUP_CHANNEL: &str = "packenvd_wakeup";
+
+/// Opens a pool of `max` connections.
+pub async fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options.application_name("packenvd"))
+        .await
+}
+
+/// A row this instance has just claimed, with what a build needs from `pack` and `runtime`.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Claimed {
+    pub id: i64,
+    pub pack_ref: String,
+    pub runtime_ref: String,
+    pub runtime_name: String,
+    pub env_path: Option<String>,
+    pub storage_path: Option<String>,
+    pub installers: serde_json::Value,
+    pub claim_token: Uuid,
+    pub attempts: i32,
+}
+
+/// Claims up to `limit` claimable rows in one statement and commits before returning.
+pub async fn claim(
+    pool: &PgPool,
+    instance: &str,
+    lease: Duration,
+    limit: i64,
+) -> Result<Vec<Claimed>, sqlx::Error> {
+    sqlx::query_as(
+        "WITH c AS MATERIALIZED (
+             SELECT id FROM pack_environment
+             WHERE status IN ('pending', 'outdated') AND run_after <= now()
+             ORDER BY run_after, id
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED)
+         UPDATE pack_environment pe
+         SET status = 'installing', claimed_by = $1, claim_token = gen_random_uuid(),
+             lease_expires_at = now() + make_interval(secs => $2), attempts = pe.attempts + 1
+         FROM c, pack p, runtime r
+         WHERE pe.id = c.id AND p.id = pe.pack AND r.id = pe.runtime
+         RETURNING pe.id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, pe.env_path,
+                   p.storage_path, r.installers, pe.claim_token, pe.attempts",
+    )
+    .bind(instance)
+    .bind(lease.as_secs_f64())
+    .bind(limit)
+    .fetch_all(pool)
+    .await
+}
+
+/// Renews the leases of the given claims in one statement; returns the tokens still ours.
+pub async fn heartbeat(
+    pool: &PgPool,
+    tokens: &[Uuid],
+    lease: Duration,
+) -> Result<Vec<Uuid>, sqlx::Error> {
+    sqlx::query_scalar(
+        "UPDATE pack_environment SET lease_expires_at = now() + make_interval(secs => $2)
+         WHERE claim_token = ANY($1) AND status = 'installing'
+         RETURNING claim_token",
+    )
+    .bind(tokens)
+    .bind(lease.as_secs_f64())
+    .fetch_all(pool)
+    .await
+}
+
+/// Writes the running build's log so an operator can watch it. False when the row is no
+/// longer ours.
+pub async fn flush_log(
+    pool: &PgPool,
+    id: i64,
+    token: Uuid,
+    log: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE pack_environment SET install_log = $3 WHERE id = $1 AND claim_token = $2",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(log)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Marks a build `ready`. False when the claim was lost (the result is discarded).
+pub async fn finish_ready(
+    pool: &PgPool,
+    id: i64,
+    token: Uuid,
+    env_path: Option<&str>,
+    log: &str,
+    metadata: &serde_json::Value,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE pack_environment
+         SET status = 'ready', env_path = $3, install_log = $4, metadata = $5, install_error = NULL,
+             installed_at = now(), last_verified = now(),
+             claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
+         WHERE id = $1 AND claim_token = $2",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(env_path)
+    .bind(log)
+    .bind(metadata)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Records a failed attempt: back to `pending` after `retry_in`, or `failed` when `None`.
+/// The error stays in `install_error` while the row waits. False when the claim was lost.
+pub async fn finish_failed(
+    pool: &PgPool,
+    id: i64,
+    token: Uuid,
+    error: &str,
+    log: &str,
+    retry_in: Option<Duration>,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE pack_environment
+         SET status = CASE WHEN $5::float8 IS NULL THEN 'failed' ELSE 'pending' END::pack_environment_status_enum,
+             run_after = CASE WHEN $5::float8 IS NULL THEN run_after
+                              ELSE now() + make_interval(secs => $5::float8) END,
+             install_error = $3, install_log = $4,
+             claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
+         WHERE id = $1 AND claim_token = $2",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(error)
+    .bind(log)
+    .bind(retry_in.map(|d| d.as_secs_f64()))
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Hands a row back to `pending` without spending an attempt (shutdown). False when the
+/// claim was lost.
+pub async fn release(pool: &PgPool, id: i64, token: Uuid, log: &str) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE pack_environment
+         SET status = 'pending', attempts = greatest(attempts - 1, 0), run_after = now(),
+             install_log = $3, claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
+         WHERE id = $1 AND claim_token = $2",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(log)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Sends `installing` rows whose lease expired back to `pending`, or to `failed` when their
+/// attempts are spent. Status and lease are checked again under the row lock, so a build that
+/// finished a moment earlier is never overwritten. Returns how many rows were rescued.
+pub async fn rescue_expired(pool: &PgPool, max_attempts: u32) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(
+        "WITH c AS MATERIALIZED (
+             SELECT id FROM pack_environment
+             WHERE status = 'installing' AND lease_expires_at < now()
+             FOR UPDATE SKIP LOCKED)
+         UPDATE pack_environment pe
+         SET status = CASE WHEN pe.attempts >= $1 THEN 'failed' ELSE 'pending' END::pack_environment_status_enum,
+             install_error = 'the build by ' || coalesce(pe.claimed_by, '?')
+                 || ' stopped renewing its lease (daemon killed or cut off) on attempt '
+                 || pe.attempts
+                 || CASE WHEN pe.attempts >= $1 THEN '; no attempts left' ELSE '; it will be retried' END,
+             run_after = now(), claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
+         FROM c
+         WHERE pe.id = c.id AND pe.status = 'installing' AND pe.lease_expires_at < now()",
+    )
+    .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
+}
+
+/// One row of `packenvd status`.
+#[derive(Debug, Clone, Serialize, sqlx::FromRow)]
+pub struct StatusRow {
+    pub id: i64,
+    pub pack_ref: String,
+    pub runtime_ref: String,
+    pub status: String,
+    pub env_path: Option<String>,
+    pub attempts: i32,
+    pub run_after: DateTime<Utc>,
+    pub claimed_by: Option<String>,
+    pub installed_at: Option<DateTime<Utc>>,
+    pub last_verified: Option<DateTime<Utc>>,
+    pub needs_verification: bool,
+    pub health: String,
+    pub install_error: Option<String>,
+    pub updated: DateTime<Utc>,
+}
+
+/// Rows of the status view, filtered by pack and status when given.
+pub async fn status(
+    pool: &PgPool,
+    pack: Option<&str>,
+    status: Option<&str>,
+) -> Result<Vec<StatusRow>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT id, pack_ref, runtime_ref, status::text AS status, env_path, attempts, run_after,
+                claimed_by, installed_at, last_verified, needs_verification, health, install_error, updated
+         FROM v_pack_environment_status
+         WHERE ($1::text IS NULL OR pack_ref = $1) AND ($2::text IS NULL OR status::text = $2)
+         ORDER BY pack_ref, runtime_ref",
+    )
+    .bind(pack)
+    .bind(status)
+    .fetch_all(pool)
+    .await
+}
+
+/// Calls `request_pack_environment()`; returns the row's id and status.
+pub async fn request(
+    pool: &PgPool,
+    pack_ref: &str,
+    runtime_ref: &str,
+) -> Result<(i64, String), sqlx::Error> {
+    sqlx::query_as("SELECT id, status::text FROM request_pack_environment($1, $2)")
+        .bind(pack_ref)
+        .bind(runtime_ref)
+        .fetch_one(pool)
+        .await
+}
+
+/// An operator's reset to `pending` (the same plain UPDATE an operator would type); returns the
+/// rows reset.
+pub async fn rebuild(
+    pool: &PgPool,
+    pack_ref: Option<&str>,
+    runtime_ref: Option<&str>,
+    only_failed: bool,
+) -> Result<Vec<(String, String)>, sqlx::Error> {
+    sqlx::query_as(
+        "UPDATE pack_environment SET status = 'pending'
+         WHERE ($1::text IS NULL OR pack_ref = $1) AND ($2::text IS NULL OR runtime_ref = $2)
+           AND (NOT $3 OR status = 'failed')
+         RETURNING pack_ref, runtime_ref",
+    )
+    .bind(pack_ref)
+    .bind(runtime_ref)
+    .bind(only_failed)
+    .fetch_all(pool)
+    .await
+}
+
+/// The stored log and error of one environment.
+#[derive(Debug, sqlx::FromRow)]
+pub struct Logs {
+    pub status: String,
+    pub install_log: Option<String>,
+    pub install_error: Option<String>,
+}
+
+pub async fn logs(
+    pool: &PgPool,
+    pack_ref: &str,
+    runtime_ref: &str,
+) -> Result<Option<Logs>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT status::text AS status, install_log, install_error FROM pack_environment
+         WHERE pack_ref = $1 AND runtime_ref = $2",
+    )
+    .bind(pack_ref)
+    .bind(runtime_ref)
+    .fetch_optional(pool)
+    .await
+}
+
+/// Counts rows by status (for the demo's wait and the daemon's status line).
+pub async fn count_by_status(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
+    sqlx::query_as("SELECT status::text, count(*) FROM pack_environment GROUP BY 1 ORDER BY 1")
+        .fetch_all(pool)
+        .await
+}
+
+/// Registers a pack directory (used by the demo and `packenvd register`): upserts the pack.
+pub async fn upsert_pack(
+    pool: &PgPool,
+    pack_ref: &str,
+    label: &str,
+    storage_path: Option<&str>,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "INSERT INTO pack (ref, label, storage_path) VALUES ($1, $2, $3)
+         ON CONFLICT (ref) DO UPDATE SET label = EXCLUDED.label, storage_path = EXCLUDED.storage_path
+         RETURNING id",
+    )
+    .bind(pack_ref)
+    .bind(label)
+    .bind(storage_path)
+    .fetch_one(pool)
+    .await
+}

@@ -1,0 +1,375 @@
+//! The build loop: wake on NOTIFY (or the poll fallback), claim as many rows as there are free
+//! build slots, build each in its own task, write the result back fenced by its claim token.
+//! Beside it, one heartbeat renews every lease this instance holds and rescues rows whose
+//! holder died.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use packenv_core::log::CappedLog;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::build::{self, BuildResult};
+use crate::config::Settings;
+use crate::store::{self, Claimed};
+
+/// How often a running build's log is written to its row.
+const LOG_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
+/// Ceiling of the retry delay of a write-back while the database is away.
+const MAX_WRITE_BACK_DELAY: Duration = Duration::from_secs(30);
+
+/// Cancellation of the builds this instance runs, by claim token.
+type Inflight = Arc<Mutex<HashMap<Uuid, CancellationToken>>>;
+
+/// Shutdown signals of [`Worker::run`]: `stop` ends claiming and starts the grace period;
+/// `kill` ends the grace at once (a second signal).
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    pub stop: CancellationToken,
+    pub kill: CancellationToken,
+}
+
+/// One packenvd instance's builder.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    pool: PgPool,
+    settings: Arc<Settings>,
+    inflight: Inflight,
+    /// Cancelled when running builds must die (grace over); their rows go back to pending.
+    kill_builds: CancellationToken,
+}
+
+impl Worker {
+    pub fn new(pool: PgPool, settings: Arc<Settings>) -> Self {
+        Worker {
+            pool,
+            settings,
+            inflight: Arc::default(),
+            kill_builds: CancellationToken::new(),
+        }
+    }
+
+    /// Claims and builds until nothing is claimable and no build runs; returns how many builds
+    /// ran. The deterministic entry point for tests: no listener, no timers.
+    pub async fn drain(&self) -> Result<usize, sqlx::Error> {
+        let mut builds = JoinSet::new();
+        let mut total = 0;
+        loop {
+            let claimed = self.claim(self.settings.concurrency - builds.len()).await?;
+            total += claimed.len();
+            for row in claimed {
+                builds.spawn(self.clone().build_and_write_back(row));
+            }
+            if builds.join_next().await.is_none() {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// The daemon's loop. With `until_done`, returns once no row is pending, outdated or
+    /// installing (the demo and batch jobs).
+    pub async fn run(&self, shutdown: Shutdown, until_done: bool) -> anyhow::Result<()> {
+        // Listen before the first claim, so no wake-up between the two is missed.
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(store::WAKEUP_CHANNEL).await?;
+        let heartbeat = tokio::spawn(self.clone().heartbeat_loop(shutdown.stop.clone()));
+        let mut builds = JoinSet::new();
+        let mut db_delay = Duration::from_millis(200);
+        tracing::info!(instance = %self.settings.instance_name, concurrency = self.settings.concurrency, "packenvd started");
+        loop {
+            let free = self.settings.concurrency - builds.len();
+            let mut claimed_any = false;
+            if free > 0 {
+                match self.claim(free).await {
+                    Ok(rows) => {
+                        db_delay = Duration::from_millis(200);
+                        claimed_any = !rows.is_empty();
+                        for row in rows {
+                            builds.spawn(self.clone().build_and_write_back(row));
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, retry_in = ?db_delay, "claim failed; database unreachable?");
+                        tokio::select! {
+                            () = tokio::time::sleep(db_delay) => {}
+                            () = shutdown.stop.cancelled() => break,
+                        }
+                        db_delay = (db_delay * 2).min(MAX_WRITE_BACK_DELAY);
+                        continue;
+                    }
+                }
+            }
+            if until_done && builds.is_empty() && !claimed_any && self.queue_is_done().await {
+                break;
+            }
+            tokio::select! {
+                () = shutdown.stop.cancelled() => break,
+                Some(_) = builds.join_next(), if !builds.is_empty() => {}
+                n = listener.recv() => if let Err(e) = n {
+                    // The listener reconnects on its next recv; until then the poll covers.
+                    tracing::warn!(error = %e, "lost the NOTIFY connection");
+                    tokio::time::sleep(db_delay).await;
+                },
+                () = tokio::time::sleep(self.settings.poll_interval) => {}
+            }
+        }
+
+        if !builds.is_empty() {
+            tracing::info!(running = builds.len(), grace = %humantime::format_duration(self.settings.shutdown_grace), "stopping: waiting for running builds");
+            let finish_all = async { while builds.join_next().await.is_some() {} };
+            tokio::select! {
+                () = finish_all => {}
+                () = tokio::time::sleep(self.settings.shutdown_grace) => {}
+                () = shutdown.kill.cancelled() => {}
+            }
+            if !builds.is_empty() {
+                tracing::warn!(
+                    running = builds.len(),
+                    "grace over: killing builds and handing their rows back"
+                );
+                self.kill_builds.cancel();
+                while builds.join_next().await.is_some() {}
+            }
+        }
+        heartbeat.abort();
+        Ok(())
+    }
+
+    async fn claim(&self, free: usize) -> Result<Vec<Claimed>, sqlx::Error> {
+        if free == 0 {
+            return Ok(Vec::new());
+        }
+        let rows = store::claim(
+            &self.pool,
+            &self.settings.instance_name,
+            self.settings.lease,
+            free as i64,
+        )
+        .await?;
+        for row in &rows {
+            self.inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(row.claim_token, self.kill_builds.child_token());
+        }
+        Ok(rows)
+    }
+
+    async fn queue_is_done(&self) -> bool {
+        match store::count_by_status(&self.pool).await {
+            Ok(counts) => !counts.iter().any(|(s, n)| {
+                *n > 0 && matches!(s.as_str(), "pending" | "outdated" | "installing")
+            }),
+            Err(_) => false,
+        }
+    }
+
+    /// Renews leases every third of the lease, cancels builds whose claim was lost, and
+    /// rescues rows whose holder stopped renewing.
+    async fn heartbeat_loop(self, stop: CancellationToken) {
+        let mut tick = tokio::time::interval(self.settings.lease / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.heartbeat_once().await;
+            if !stop.is_cancelled() {
+                match store::rescue_expired(&self.pool, self.settings.max_attempts).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::warn!(rows = n, "rescued rows whose lease expired"),
+                    Err(e) => tracing::warn!(error = %e, "rescue failed"),
+                }
+            }
+        }
+    }
+
+    /// One heartbeat: a single UPDATE for every claim this instance holds.
+    pub async fn heartbeat_once(&self) {
+        let held: Vec<Uuid> = self
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .copied()
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        match store::heartbeat(&self.pool, &held, self.settings.lease).await {
+            Ok(kept) => {
+                let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+                for token in held.iter().filter(|t| !kept.contains(t)) {
+                    if let Some(cancel) = inflight.get(token) {
+                        tracing::warn!(claim_token = %token, "claim lost (reset by an operator or rescued); cancelling its build");
+                        cancel.cancel();
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "heartbeat failed; leases not renewed"),
+        }
+    }
+
+    async fn build_and_write_back(self, row: Claimed) {
+        let span = tracing::info_span!("build", pack_ref = %row.pack_ref, runtime_ref = %row.runtime_ref, env_id = row.id, claim_token = %row.claim_token);
+        async {
+            tracing::info!(attempt = row.attempts, "installing");
+            let cancel = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&row.claim_token)
+                .cloned()
+                .unwrap_or_default();
+            let log = Arc::new(Mutex::new(CappedLog::new(self.settings.log_max_bytes)));
+            let flusher = tokio::spawn(flush_log_loop(
+                self.pool.clone(),
+                row.id,
+                row.claim_token,
+                log.clone(),
+                cancel.clone(),
+            ));
+            let started = std::time::Instant::now();
+            let result = build::run(&self.settings, &row, &log, &cancel).await;
+            flusher.abort();
+            let text = log.lock().unwrap_or_else(|p| p.into_inner()).render();
+            self.write_back(&row, result, &text, started.elapsed())
+                .await;
+            self.inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&row.claim_token);
+        }
+        .instrument(span)
+        .await;
+    }
+
+    /// Writes the result, retrying with backoff while the database is away: a finished build
+    /// is never lost to an outage. Gives up only when the process is being killed.
+    async fn write_back(&self, row: &Claimed, result: BuildResult, log: &str, took: Duration) {
+        let took = humantime::format_duration(Duration::from_millis(took.as_millis() as u64));
+        let mut delay = Duration::from_millis(250);
+        loop {
+            let (outcome, written) = match &result {
+                BuildResult::Ready { env_path, metadata } => (
+                    "ready".to_string(),
+                    store::finish_ready(
+                        &self.pool,
+                        row.id,
+                        row.claim_token,
+                        env_path.as_deref(),
+                        log,
+                        metadata,
+                    )
+                    .await,
+                ),
+                BuildResult::Failed { error, retryable } => {
+                    let retry_in =
+                        (*retryable && (row.attempts as u32) < self.settings.max_attempts).then(
+                            || backoff(self.settings.retry_backoff, row.attempts, row.claim_token),
+                        );
+                    let outcome = match retry_in {
+                        Some(d) => format!(
+                            "pending (retry in {})",
+                            humantime::format_duration(Duration::from_secs(d.as_secs()))
+                        ),
+                        None => "failed".to_string(),
+                    };
+                    (
+                        outcome,
+                        store::finish_failed(
+                            &self.pool,
+                            row.id,
+                            row.claim_token,
+                            error,
+                            log,
+                            retry_in,
+                        )
+                        .await,
+                    )
+                }
+                BuildResult::Cancelled => (
+                    "pending (handed back)".to_string(),
+                    store::release(&self.pool, row.id, row.claim_token, log).await,
+                ),
+            };
+            match written {
+                Ok(true) => {
+                    match &result {
+                        BuildResult::Failed { error, .. } => {
+                            tracing::warn!(status = %outcome, took = %took, error = %error.lines().next().unwrap_or_default(), "build failed")
+                        }
+                        _ => tracing::info!(status = %outcome, took = %took, "build finished"),
+                    }
+                    return;
+                }
+                Ok(false) => {
+                    tracing::warn!(would_have_been = %outcome, "claim no longer ours (reset or rescued); result discarded");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, retry_in = ?delay, "cannot write result back; keeping it and retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_WRITE_BACK_DELAY);
+                }
+            }
+        }
+    }
+}
+
+/// Exponential backoff with ±25 % jitter. The jitter comes from the claim token, which is
+/// random, so instances that failed together do not retry together.
+pub fn backoff(base: Duration, attempt: i32, token: Uuid) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.clamp(1, 16).saturating_sub(1) as u32);
+    let capped = exp.min(Duration::from_secs(3600));
+    let r = f64::from(token.as_bytes()[15]) / 255.0; // 0..=1
+    capped.mul_f64(0.75 + r * 0.5)
+}
+
+async fn flush_log_loop(
+    pool: PgPool,
+    id: i64,
+    token: Uuid,
+    log: Arc<Mutex<CappedLog>>,
+    cancel: CancellationToken,
+) {
+    let mut written = 0;
+    loop {
+        tokio::time::sleep(LOG_FLUSH_INTERVAL).await;
+        let (version, text) = {
+            let log = log.lock().unwrap_or_else(|p| p.into_inner());
+            if log.version() == written {
+                continue;
+            }
+            (log.version(), log.render())
+        };
+        match store::flush_log(&pool, id, token, &text).await {
+            Ok(true) => written = version,
+            Ok(false) => {
+                tracing::warn!("claim lost while building; cancelling the build");
+                cancel.cancel();
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "cannot flush log"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_stays_within_jitter() {
+        let t = Uuid::from_bytes([0; 16]);
+        let base = Duration::from_secs(10);
+        assert_eq!(backoff(base, 1, t), Duration::from_millis(7500));
+        assert_eq!(backoff(base, 2, t), Duration::from_millis(15000));
+        assert_eq!(backoff(base, 3, t), Duration::from_millis(30000));
+        assert_eq!(backoff(base, 40, t), Duration::from_secs(2700));
+    }
+}

@@ -1,0 +1,267 @@
+//! The queue contract: claiming, NOTIFY pickup, operator resets, the schema.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use packenvd::store;
+use packenvd::worker::Shutdown;
+use sqlx::PgPool;
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn two_concurrent_claimers_get_disjoint_rows(pool: PgPool) {
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    for i in 0..200 {
+        add_pack(&pool, &format!("p{i}")).await;
+        request(&pool, &format!("p{i}"), "t.noop").await;
+    }
+    let lease = Duration::from_secs(60);
+    let (a, b) = tokio::join!(
+        async {
+            let mut got = Vec::new();
+            loop {
+                let rows = store::claim(&pool, "a", lease, 7).await.unwrap();
+                if rows.is_empty() {
+                    break got;
+                }
+                got.extend(rows.into_iter().map(|r| r.id));
+            }
+        },
+        async {
+            let mut got = Vec::new();
+            loop {
+                let rows = store::claim(&pool, "b", lease, 5).await.unwrap();
+                if rows.is_empty() {
+                    break got;
+                }
+                got.extend(rows.into_iter().map(|r| r.id));
+            }
+        }
+    );
+    let mut all: Vec<i64> = a.iter().chain(&b).copied().collect();
+    all.sort_unstable();
+    let before = all.len();
+    all.dedup();
+    assert_eq!(before, all.len(), "a row was claimed twice");
+    assert_eq!(all.len(), 200, "every row claimed once");
+    assert!(
+        !a.is_empty() && !b.is_empty(),
+        "both claimers got rows: {} / {}",
+        a.len(),
+        b.len()
+    );
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_claim_takes_no_more_rows_than_asked_and_sets_the_lease(pool: PgPool) {
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    for i in 0..5 {
+        add_pack(&pool, &format!("p{i}")).await;
+        request(&pool, &format!("p{i}"), "t.noop").await;
+    }
+    let rows = store::claim(&pool, "me", Duration::from_secs(60), 2)
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    let (installing, leased): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE status = 'installing'),
+                count(*) FILTER (WHERE lease_expires_at > now() + interval '50 seconds' AND claimed_by = 'me' AND attempts = 1)
+         FROM pack_environment",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((installing, leased), (2, 2));
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn outdated_rows_are_claimed_like_pending_ones(pool: PgPool) {
+    let env = Env::new(&[]);
+    env.pack_dir("p", &[]);
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "t.noop").await;
+    env.worker(&pool).drain().await.unwrap();
+    assert_eq!(row(&pool, id).await.status, "ready");
+    sqlx::query("UPDATE pack_environment SET status = 'outdated' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let claimed = store::claim(&pool, "me", Duration::from_secs(60), 10)
+        .await
+        .unwrap();
+    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn the_claim_reads_the_partial_index_even_on_an_all_pending_table(pool: PgPool) {
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    sqlx::query(
+        "INSERT INTO pack (ref, label) SELECT 'p' || i, 'p' FROM generate_series(1, 5000) i",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("INSERT INTO pack_environment (pack, runtime) SELECT p.id, r.id FROM pack p, runtime r WHERE r.ref = 't.noop'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    for finished in [false, true] {
+        if finished {
+            // Most rows done: the claim must not walk them.
+            sqlx::query("UPDATE pack_environment SET status = 'ready', claim_token = gen_random_uuid() WHERE id % 100 <> 0")
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        sqlx::query("ANALYZE pack_environment")
+            .execute(&pool)
+            .await
+            .unwrap();
+        let plan: Vec<(String,)> = sqlx::query_as(
+            "EXPLAIN SELECT id FROM pack_environment
+             WHERE status IN ('pending', 'outdated') AND run_after <= now()
+             ORDER BY run_after, id LIMIT 8 FOR UPDATE SKIP LOCKED",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+        let plan: String = plan.into_iter().map(|(l,)| l + "\n").collect();
+        assert!(
+            plan.contains("pack_environment_claimable_idx"),
+            "finished={finished}:\n{plan}"
+        );
+        assert!(!plan.contains("Sort"), "the index gives the order:\n{plan}");
+    }
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn an_operator_reset_is_picked_up_within_a_second_by_notify(pool: PgPool) {
+    let env = Env::new(&[("poll_interval", "1m")]);
+    env.pack_dir("p", &[]);
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "t.noop").await;
+    env.worker(&pool).drain().await.unwrap();
+    assert_eq!(row(&pool, id).await.status, "ready");
+
+    let worker = env.worker(&pool);
+    let shutdown = Shutdown::default();
+    let daemon = tokio::spawn({
+        let s = shutdown.clone();
+        async move { worker.run(s, false).await }
+    });
+    // Let the daemon reach its idle wait (its first claim finds nothing).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let first_token_before: Option<uuid::Uuid> = None;
+    let reset_at = Instant::now();
+    sqlx::query("UPDATE pack_environment SET status = 'pending' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let picked_up = loop {
+        let r = row(&pool, id).await;
+        if r.status != "pending" || r.claim_token != first_token_before {
+            break reset_at.elapsed();
+        }
+        assert!(
+            reset_at.elapsed() < Duration::from_secs(5),
+            "not picked up after 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    };
+    assert!(
+        picked_up < Duration::from_secs(1),
+        "picked up after {picked_up:?}"
+    );
+    shutdown.stop.cancel();
+    daemon.await.unwrap().unwrap();
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn an_operator_reset_of_a_failed_row_starts_its_attempts_over(pool: PgPool) {
+    let env = Env::new(&[("max_attempts", "1")]);
+    env.pack_dir("p", &[]);
+    add_runtime(&pool, "t.fail", shell_runtime("exit 1")).await;
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "t.fail").await;
+    env.worker(&pool).drain().await.unwrap();
+    let r = row(&pool, id).await;
+    assert_eq!((r.status.as_str(), r.attempts), ("failed", 1));
+    sqlx::query("UPDATE pack_environment SET status = 'pending' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    assert_eq!(row(&pool, id).await.attempts, 0);
+}
+
+#[sqlx::test(migrations = false)]
+async fn migrations_apply_to_a_database_that_already_has_pack_and_runtime_tables(pool: PgPool) {
+    // Tables as a platform that predates packenvd might have them: no storage_path, no installers.
+    sqlx::raw_sql(
+        "CREATE TABLE pack (id BIGSERIAL PRIMARY KEY, ref TEXT NOT NULL UNIQUE, label TEXT NOT NULL,
+                            version TEXT NOT NULL DEFAULT '1.0.0', description TEXT);
+         CREATE TABLE runtime (id BIGSERIAL PRIMARY KEY, ref TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
+                               description TEXT);
+         INSERT INTO pack (ref, label) VALUES ('legacy', 'Legacy pack');
+         INSERT INTO runtime (ref, name) VALUES ('core.python', 'Python');",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    store::MIGRATOR.run(&pool).await.unwrap();
+    // Running them again is a no-op.
+    store::MIGRATOR.run(&pool).await.unwrap();
+    let id = request(&pool, "legacy", "core.shell").await;
+    assert_eq!(row(&pool, id).await.status, "pending");
+    let seeded: Vec<String> = sqlx::query_scalar("SELECT ref FROM runtime ORDER BY ref")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        seeded,
+        ["core.native", "core.nodejs", "core.python", "core.shell"]
+    );
+    // The platform's own core.python was kept, not overwritten by the seed.
+    let installers: serde_json::Value =
+        sqlx::query_scalar("SELECT installers FROM runtime WHERE ref = 'core.python'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(installers, serde_json::json!([]));
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn sql_helpers_answer_as_documented(pool: PgPool) {
+    add_pack(&pool, "web").await;
+    let path: String = sqlx::query_scalar("SELECT get_pack_environment_path('web', 'core.python')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(path, "/opt/attune/packenvs/web/python");
+    let (py, sh): (bool, bool) = sqlx::query_as("SELECT runtime_requires_environment('core.python'), runtime_requires_environment('core.shell')")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert!(py && !sh);
+    let err = sqlx::query("SELECT request_pack_environment('nope', 'core.python')")
+        .execute(&pool)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("no pack with ref nope"), "{err}");
+    // A plain insert with ids only gets its refs filled in.
+    sqlx::query("INSERT INTO pack_environment (pack, runtime) SELECT p.id, r.id FROM pack p, runtime r WHERE p.ref = 'web' AND r.ref = 'core.shell'")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let refs: (String, String) =
+        sqlx::query_as("SELECT pack_ref, runtime_ref FROM pack_environment")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(refs, ("web".into(), "core.shell".into()));
+}
