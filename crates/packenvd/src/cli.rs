@@ -163,7 +163,7 @@ pub async fn status(
             r.attempts.to_string(),
             r.env_path.clone().unwrap_or_else(|| "-".into()),
             r.updated.format("%Y-%m-%d %H:%M:%S").to_string(),
-            truncate(error, 100),
+            truncate(error, 60),
         ]);
     }
     println!("{table}");

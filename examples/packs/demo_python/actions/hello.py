@@ -1,0 +1,3 @@
+import six
+
+print("hello from demo_python, six", six.__version__)

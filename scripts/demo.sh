@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# The demo: builds real environments for the packs under examples/packs.
+#
+# With DATABASE_URL unset it starts a throwaway PostgreSQL (scripts/with-postgres.sh); with it
+# set, it uses that database and removes its demo_* packs at the end. Environments and caches go
+# to a temp dir that is removed at the end. Needs network access to PyPI and npm (the demo
+# installs `six` and `is-number`); the test suite does not.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ ${1:-} != --inner ]]; then
+    scripts/check-prereqs.sh
+    echo "==> building packenvd"
+    cargo build --quiet --bin packenvd
+    exec scripts/with-postgres.sh "$0" --inner
+fi
+
+bin=$PWD/target/debug/packenvd
+work=$(mktemp -d -t packenvd-demo.XXXXXXXX)
+cleanup() {
+    if [[ -z ${PACKENVD_PG_DATA:-} ]]; then
+        # Someone else's database: take our demo packs out again (rows cascade).
+        psql "$DATABASE_URL" -qc "DELETE FROM pack WHERE ref IN ('demo_python','demo_node','demo_shell','demo_broken')" >/dev/null || true
+    fi
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+export PACKENVD_ENVS_ROOT=$work/envs PACKENVD_CACHE_DIR=$work/cache
+export PACKENVD_PACKS_DIR=$PWD/examples/packs PACKENVD_POLL_INTERVAL=1s PACKENVD_CONCURRENCY=4
+
+echo "==> migrating"
+"$bin" migrate
+
+echo "==> registering the example packs, as a pack install would (plain SQL)"
+psql "$DATABASE_URL" -v ON_ERROR_STOP=1 -q <<'SQL'
+INSERT INTO pack (ref, label) VALUES
+    ('demo_python', 'Demo: Python'), ('demo_node', 'Demo: Node.js'),
+    ('demo_shell', 'Demo: shell'), ('demo_broken', 'Demo: uninstallable requirement')
+ON CONFLICT (ref) DO NOTHING;
+SQL
+for pair in "demo_python core.python" "demo_node core.nodejs" "demo_shell core.shell" "demo_broken core.python"; do
+    "$bin" request $pair
+done
+
+echo "==> running the daemon until every environment is ready or failed"
+"$bin" run --until-done
+
+echo "==> status"
+"$bin" status
+
+echo "==> using the environments, started from the resolved build paths recorded in metadata"
+meta() { psql "$DATABASE_URL" -Atc "SELECT metadata #>> '{$3}' FROM pack_environment WHERE pack_ref = '$1' AND runtime_ref = '$2'"; }
+"$(meta demo_python core.python executables,python)" examples/packs/demo_python/actions/hello.py
+NODE_PATH=$(meta demo_node core.nodejs env_vars,NODE_PATH) "$(meta demo_node core.nodejs executables,node)" examples/packs/demo_node/actions/hello.js
+examples/packs/demo_shell/actions/hello.sh
+
+echo "==> why demo_broken failed (packenvd logs demo_broken core.python, without the full log)"
+"$bin" logs demo_broken core.python | sed '/^--- install log ---$/q'
+
+echo "==> environments on disk"
+ls -la "$work/envs"/*/
+
+want="demo_broken:failed demo_node:ready demo_python:ready demo_shell:ready"
+got=$(psql "$DATABASE_URL" -Atc "SELECT string_agg(pack_ref || ':' || status, ' ' ORDER BY pack_ref) FROM pack_environment WHERE pack_ref LIKE 'demo\_%'")
+if [[ $got != "$want" ]]; then
+    echo "demo: expected '$want', got '$got'" >&2
+    exit 1
+fi
+echo "==> demo finished as expected: $got"
