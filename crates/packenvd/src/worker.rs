@@ -21,8 +21,9 @@ use crate::store::{self, Claimed};
 
 /// How often a running build's log is written to its row.
 const LOG_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
-/// Ceiling of the retry delay of a write-back while the database is away.
-const MAX_WRITE_BACK_DELAY: Duration = Duration::from_secs(30);
+/// Ceiling of the retry delay of claims and write-backs while the database is away: short,
+/// because results wait in memory and the rows stay `installing` until it returns.
+const MAX_DB_RETRY_DELAY: Duration = Duration::from_secs(5);
 
 /// Cancellation of the builds this instance runs, by claim token.
 type Inflight = Arc<Mutex<HashMap<Uuid, CancellationToken>>>;
@@ -100,7 +101,7 @@ impl Worker {
                             () = tokio::time::sleep(db_delay) => {}
                             () = shutdown.stop.cancelled() => break,
                         }
-                        db_delay = (db_delay * 2).min(MAX_WRITE_BACK_DELAY);
+                        db_delay = (db_delay * 2).min(MAX_DB_RETRY_DELAY);
                         continue;
                     }
                 }
@@ -314,7 +315,7 @@ impl Worker {
                 Err(e) => {
                     tracing::warn!(error = %e, retry_in = ?delay, "cannot write result back; keeping it and retrying");
                     tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(MAX_WRITE_BACK_DELAY);
+                    delay = (delay * 2).min(MAX_DB_RETRY_DELAY);
                 }
             }
         }

@@ -161,3 +161,245 @@ pub fn tree(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// The URL of the database behind `pool` (a `#[sqlx::test]` database), for a daemon process.
+pub fn database_url(pool: &PgPool) -> String {
+    let base = std::env::var("DATABASE_URL").expect("DATABASE_URL");
+    let db = pool
+        .connect_options()
+        .get_database()
+        .expect("database name")
+        .to_owned();
+    let after_scheme = base.find("://").map_or(0, |i| i + 3);
+    let path_start = base[after_scheme..]
+        .find('/')
+        .map_or(base.len(), |i| after_scheme + i);
+    let path_end = base[path_start..]
+        .find('?')
+        .map_or(base.len(), |i| path_start + i);
+    format!("{}/{}{}", &base[..path_start], db, &base[path_end..])
+}
+
+/// A `packenvd run` process with its output in a file.
+pub struct Daemon {
+    pub child: std::process::Child,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn spawn(env: &Env, url: &str, name: &str, vars: &[(&str, &str)], args: &[&str]) -> Daemon {
+        let log = env.dir.path().join(format!("daemon-{name}.log"));
+        let out = std::fs::File::create(&log).expect("daemon log");
+        let s = &env.settings;
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
+        cmd.arg("run")
+            .args(args)
+            .env("DATABASE_URL", url)
+            .env("PACKENVD_ENVS_ROOT", &s.envs_root)
+            .env("PACKENVD_PACKS_DIR", &s.packs_dir)
+            .env("PACKENVD_CACHE_DIR", &s.cache_dir)
+            .env("PACKENVD_INSTANCE_NAME", name)
+            .env("PACKENVD_LOG", "info")
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: cmd.spawn().expect("spawn packenvd"),
+            log,
+        }
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        nix::sys::signal::kill(pid, sig).expect("kill");
+    }
+
+    /// Waits up to `limit` for the process to exit; returns how long it took.
+    pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<std::time::Duration> {
+        let started = std::time::Instant::now();
+        while started.elapsed() < limit {
+            if self.child.try_wait().expect("try_wait").is_some() {
+                return Some(started.elapsed());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        None
+    }
+
+    pub fn output(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `cond` every 20 ms for up to `limit`.
+pub async fn eventually<F, Fut>(limit: std::time::Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !cond().await {
+        assert!(
+            started.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn status_of(pool: &PgPool, id: i64) -> String {
+    sqlx::query_scalar("SELECT status::text FROM pack_environment WHERE id = $1")
+        .bind(id)
+        .fetch_one(pool)
+        .await
+        .expect("status")
+}
+
+/// Processes whose command line contains `needle` (to prove no step outlived its daemon).
+pub fn processes_with(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) {
+                found.push(format!(
+                    "{}: {cmdline}",
+                    entry.file_name().to_string_lossy()
+                ));
+            }
+        }
+    }
+    found
+}
+
+/// A PostgreSQL cluster of one test's own, for tests that stop and start the server (the
+/// shared test server must stay up for every other test). Runs as `postgres` when we are root.
+pub struct PrivateCluster {
+    dir: tempfile::TempDir,
+    as_postgres: bool,
+    bindir: PathBuf,
+}
+
+impl PrivateCluster {
+    pub fn start() -> PrivateCluster {
+        let bindir = [
+            "/usr/lib/postgresql/17/bin",
+            "/usr/lib/postgresql/16/bin",
+            "/usr/lib/postgresql/15/bin",
+        ]
+        .iter()
+        .map(PathBuf::from)
+        .find(|d| d.join("initdb").exists())
+        .or_else(|| {
+            let out = std::process::Command::new("sh")
+                .args(["-c", "dirname \"$(command -v initdb)\""])
+                .output()
+                .ok()?;
+            Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
+        })
+        .expect("initdb not found");
+        let dir = tempfile::Builder::new()
+            .prefix("packenvd-pg-")
+            .tempdir()
+            .expect("tempdir");
+        let as_postgres = nix::unistd::Uid::effective().is_root();
+        if as_postgres {
+            let status = std::process::Command::new("chown")
+                .arg("postgres")
+                .arg(dir.path())
+                .status()
+                .expect("chown");
+            assert!(status.success());
+        }
+        let cluster = PrivateCluster {
+            dir,
+            as_postgres,
+            bindir,
+        };
+        let data = cluster.data();
+        cluster.pg(
+            "initdb",
+            &[
+                "-D",
+                &data,
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--no-sync",
+                "--no-instructions",
+            ],
+        );
+        let conf = format!(
+            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = 5432\nfsync = off\n",
+            cluster.dir.path().display()
+        );
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(format!("{data}/postgresql.conf"))
+            .expect("conf");
+        std::io::Write::write_all(&mut f, conf.as_bytes()).expect("conf");
+        cluster.ctl("start");
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    fn pg(&self, tool: &str, args: &[&str]) {
+        let exe = self.bindir.join(tool);
+        let mut cmd = if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            std::process::Command::new(exe)
+        };
+        let out = cmd
+            .args(args)
+            .current_dir(self.dir.path())
+            .output()
+            .expect(tool);
+        assert!(
+            out.status.success(),
+            "{tool} {args:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// `pg_ctl start` (waits until ready) or `pg_ctl stop` (fast).
+    pub fn ctl(&self, action: &str) {
+        let data = self.data();
+        let log = self.dir.path().join("postgres.log").display().to_string();
+        match action {
+            "start" => self.pg("pg_ctl", &["-D", &data, "-l", &log, "-w", "start"]),
+            _ => self.pg("pg_ctl", &["-D", &data, "-w", "-m", "fast", "stop"]),
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!(
+            "postgres://postgres@localhost/postgres?host={}",
+            self.dir.path().display()
+        )
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        let _ = std::panic::catch_unwind(|| {
+            self.pg("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
+        });
+    }
+}
