@@ -41,7 +41,9 @@ or set DATABASE_URL to use an existing server."
 as_pg=()
 if [[ $(id -u) -eq 0 ]]; then
     id postgres >/dev/null 2>&1 || die "running as root but there is no 'postgres' user to run the server as (useradd -r postgres)"
-    as_pg=(runuser -u postgres --)
+    # runuser lives in /usr/sbin, which root's PATH sometimes lacks (su without -).
+    runuser=$(PATH=$PATH:/usr/sbin:/sbin command -v runuser) || die "runuser (util-linux) not found"
+    as_pg=("$runuser" -u postgres --)
 fi
 
 # Everything lives in a fresh private dir: nothing is created directly in a
@@ -50,6 +52,7 @@ tmp=$(mktemp -d -t packenvd-pg.XXXXXXXX)
 data=$tmp/data
 pgctl=$tmp/pgctl
 
+# shellcheck disable=SC2317  # only reached through the trap
 cleanup() {
     trap '' INT TERM  # a second Ctrl-C must not leave the server running
     if [[ -f $data/postmaster.pid ]]; then
@@ -117,6 +120,7 @@ export PACKENVD_PG_DATA=$data PACKENVD_PG_CTL=$pgctl
 (trap - INT QUIT; exec "$@") <&0 &
 child=$!
 got_signal=
+# shellcheck disable=SC2317  # only reached through the traps
 forward() { got_signal=1; kill -s "$1" "$child" 2>/dev/null || true; }
 trap 'forward INT' INT
 trap 'forward TERM' TERM
