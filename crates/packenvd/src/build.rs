@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use packenv_core::fingerprint::{fingerprint, inputs_digest};
 use packenv_core::layout::{self, EnvLocation};
 use packenv_core::log::{tail_lines, CappedLog};
 use packenv_core::runner::{self, Invocation, Outcome};
@@ -27,7 +28,10 @@ pub enum BuildResult {
         /// `None` for runtimes that need no environment.
         env_path: Option<String>,
         metadata: serde_json::Value,
+        fingerprint: Option<String>,
     },
+    /// A request whose inputs match the current build, which still runs: nothing was built.
+    Unchanged,
     Failed {
         /// One sentence naming the step, the command and how it ended, then the output's tail.
         error: String,
@@ -67,6 +71,7 @@ pub async fn run(
         return BuildResult::Ready {
             env_path: None,
             metadata: json!({"requires_environment": false, "runtime": row.runtime_ref}),
+            fingerprint: None,
         };
     }
     let loc = match EnvLocation::new(
@@ -114,6 +119,27 @@ pub async fn run(
         Err(e) => return BuildResult::permanent(format!("runtime {}: {e}", row.runtime_ref)),
     };
 
+    if row.skip_if_current {
+        if current_build_matches(row, &loc, &pack_path, &plan, cancel).await {
+            say("==> inputs unchanged since the current build (fingerprint matches): already up to date".into());
+            return BuildResult::Unchanged;
+        }
+        say("==> inputs changed since the current build (or it no longer runs): rebuilding".into());
+    }
+    // Read before the steps run: the fingerprint describes the inputs this build started from.
+    let inputs = match inputs_digest(&row.installers, &pack_path) {
+        Ok(d) => d,
+        Err(e) => {
+            return BuildResult::Failed {
+                error: format!(
+                    "cannot read the pack's manifests in {}: {e}",
+                    pack_path.display()
+                ),
+                retryable: true,
+            }
+        }
+    };
+
     for dir in [&cache_dir, &settings.envs_root] {
         if let Err(e) = std::fs::create_dir_all(dir) {
             return BuildResult::Failed {
@@ -130,7 +156,17 @@ pub async fn run(
     }
     let result = run_plan(&plan, &build_dir, log, cancel).await;
     let result = match result {
-        Ok(executables) => switch(&loc, &build_dir, &plan, executables, &token),
+        Ok(executables) => {
+            let version = interpreter(&executables).map(|(_, (_, v))| v.as_str());
+            switch(
+                &loc,
+                &build_dir,
+                &plan,
+                &executables,
+                &token,
+                fingerprint(&inputs, version),
+            )
+        }
         Err(failure) => failure,
     };
     if !matches!(result, BuildResult::Ready { .. }) {
@@ -331,33 +367,83 @@ async fn run_plan(
     let mut found = BTreeMap::new();
     for (name, exe) in &plan.executables {
         let path = resolve_executable(exe, plan.base_env.get("PATH").map_or("", String::as_str));
-        let inv = Invocation {
-            program: path.clone(),
-            args: vec!["--version".into()],
-            cwd: build_dir.to_owned(),
-            env: plan.base_env.clone(),
-            timeout: EXECUTABLE_CHECK_TIMEOUT,
-        };
-        let out = Arc::new(Mutex::new(CappedLog::new(4096)));
-        let outcome = runner::run(&inv, &out, cancel).await;
-        let text = out.lock().unwrap_or_else(|p| p.into_inner()).render();
-        if matches!(outcome, Outcome::Cancelled) {
-            return Err(BuildResult::Cancelled);
+        match executable_version(&path, build_dir, &plan.base_env, cancel).await {
+            Ok(version) => {
+                say(format!("==> executable '{name}': {path} ({version})"));
+                found.insert(name.clone(), (path, version));
+            }
+            Err((Outcome::Cancelled, _, _)) => return Err(BuildResult::Cancelled),
+            Err((outcome, text, inv)) => {
+                return Err(BuildResult::permanent(format!(
+                    "executable '{name}' ({exe}) does not run: `{}` {}.\n--- output tail ---\n{}",
+                    inv.display(),
+                    outcome.describe(),
+                    tail_lines(&text, 10, 2000)
+                )))
+            }
         }
-        if !outcome.success() {
-            return Err(BuildResult::permanent(format!(
-                "executable '{name}' ({}) does not run: `{}` {}.\n--- output tail ---\n{}",
-                exe,
-                inv.display(),
-                outcome.describe(),
-                tail_lines(&text, 10, 2000)
-            )));
-        }
-        let version = text.lines().next().unwrap_or_default().trim().to_owned();
-        say(format!("==> executable '{name}': {path} ({version})"));
-        found.insert(name.clone(), (path, version));
     }
     Ok(found)
+}
+
+/// The executable whose version stands for "the interpreter" in the fingerprint.
+fn interpreter<V>(executables: &BTreeMap<String, V>) -> Option<(&String, &V)> {
+    ["python", "node"]
+        .iter()
+        .find_map(|k| executables.get_key_value(*k))
+        .or_else(|| executables.iter().next())
+}
+
+/// The request fast path: the current build is the one the row records, its interpreter still
+/// runs, and the fingerprint of today's inputs equals the row's.
+async fn current_build_matches(
+    row: &Claimed,
+    loc: &EnvLocation,
+    pack_path: &Path,
+    plan: &Plan,
+    cancel: &CancellationToken,
+) -> bool {
+    let (Some(recorded), Some(current)) = (row.fingerprint.as_deref(), loc.current_build()) else {
+        return false;
+    };
+    if row.metadata["build_dir"].as_str() != Some(&*current.to_string_lossy()) {
+        return false;
+    }
+    let executables: BTreeMap<String, String> =
+        serde_json::from_value(row.metadata["executables"].clone()).unwrap_or_default();
+    let version = match interpreter(&executables) {
+        None => None,
+        Some((_, path)) => match executable_version(path, &current, &plan.base_env, cancel).await {
+            Ok(v) => Some(v),
+            Err(_) => return false,
+        },
+    };
+    inputs_digest(&row.installers, pack_path)
+        .is_ok_and(|d| fingerprint(&d, version.as_deref()) == recorded)
+}
+
+/// Runs `<exe> --version`; Ok holds the first line of its output, Err the outcome and output.
+async fn executable_version(
+    exe: &str,
+    cwd: &Path,
+    env: &BTreeMap<String, String>,
+    cancel: &CancellationToken,
+) -> Result<String, (Outcome, String, Invocation)> {
+    let inv = Invocation {
+        program: exe.to_owned(),
+        args: vec!["--version".into()],
+        cwd: cwd.to_owned(),
+        env: env.clone(),
+        timeout: EXECUTABLE_CHECK_TIMEOUT,
+    };
+    let out = Arc::new(Mutex::new(CappedLog::new(4096)));
+    let outcome = runner::run(&inv, &out, cancel).await;
+    let text = out.lock().unwrap_or_else(|p| p.into_inner()).render();
+    if outcome.success() {
+        Ok(text.lines().next().unwrap_or_default().trim().to_owned())
+    } else {
+        Err((outcome, text, inv))
+    }
 }
 
 /// Flips `env_path` to the finished build and describes it for the row's `metadata`.
@@ -365,9 +451,11 @@ fn switch(
     loc: &EnvLocation,
     build_dir: &Path,
     plan: &Plan,
-    executables: BTreeMap<String, (String, String)>,
+    executables: &BTreeMap<String, (String, String)>,
     token: &str,
+    fingerprint: String,
 ) -> BuildResult {
+    let previous = loc.current_build();
     match loc.switch_to(build_dir) {
         Ok(Some(aside)) => {
             tracing::warn!(moved_to = %aside.display(), "a real directory stood at env_path; moved it aside")
@@ -380,13 +468,13 @@ fn switch(
             }
         }
     }
+    // The collector's grace for the old build runs from now, not from when it was built.
+    if let Some(old) = previous.filter(|p| p != build_dir) {
+        mark_superseded(&old);
+    }
     // Actions must start from the build directory, never through the env_path symlink: a
     // process started through the link would load modules of the next build after a switch.
-    let interpreter = ["python", "node"]
-        .iter()
-        .find_map(|k| executables.get(*k))
-        .or_else(|| executables.values().next())
-        .map(|(_, v)| v.clone());
+    let interpreter = interpreter(executables).map(|(_, (_, v))| v.clone());
     let metadata = json!({
         "build_dir": build_dir.display().to_string(),
         "build_id": token,
@@ -398,6 +486,15 @@ fn switch(
     BuildResult::Ready {
         env_path: Some(loc.env_path.display().to_string()),
         metadata,
+        fingerprint: Some(fingerprint),
+    }
+}
+
+/// Sets a build directory's modification time to now; the collector measures its grace from it.
+pub fn mark_superseded(dir: &Path) {
+    let now = std::time::SystemTime::now();
+    if let Err(e) = std::fs::File::open(dir).and_then(|f| f.set_modified(now)) {
+        tracing::warn!(build_dir = %dir.display(), error = %e, "cannot mark the old build as superseded");
     }
 }
 

@@ -65,6 +65,17 @@ pub enum Command {
     Logs { pack: String, runtime: String },
     /// Print the effective configuration and where each value came from, secrets masked.
     CheckConfig(RunArgs),
+    /// Remove superseded and orphaned builds now (what the daemon does every gc_interval).
+    Gc {
+        /// List what would be removed and why; remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Delete environments on purpose: the rows and their directories.
+    Remove {
+        pack: String,
+        runtime: Option<String>,
+    },
 }
 
 /// Flags that override the config file and environment.
@@ -230,4 +241,52 @@ fn db_message(e: sqlx::Error) -> anyhow::Error {
         Some(db) => anyhow::anyhow!("{}", db.message()),
         None => e.into(),
     }
+}
+
+fn print_report(report: &crate::gc::Report, verb: &str) {
+    for r in &report.removed {
+        println!("{verb} {r}");
+    }
+    for r in &report.kept_in_use {
+        println!("kept {r}");
+    }
+    for r in &report.errors {
+        eprintln!("error {r}");
+    }
+}
+
+/// `packenvd gc [--dry-run]`.
+pub async fn gc(pool: &PgPool, settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
+    let report = crate::gc::run_once(pool, &settings.gc(), dry_run).await?;
+    print_report(&report, if dry_run { "would remove" } else { "removed" });
+    if report.removed.is_empty() && report.kept_in_use.is_empty() {
+        println!("nothing to remove");
+    }
+    if !report.errors.is_empty() {
+        anyhow::bail!("{} path(s) could not be removed", report.errors.len());
+    }
+    Ok(())
+}
+
+/// `packenvd remove PACK [RUNTIME]`.
+pub async fn remove(
+    pool: &PgPool,
+    settings: &Settings,
+    pack: &str,
+    runtime: Option<&str>,
+) -> anyhow::Result<()> {
+    let (runtimes, report) = crate::gc::remove(pool, &settings.gc(), pack, runtime).await?;
+    if runtimes.is_empty() {
+        anyhow::bail!(
+            "no environment for pack {pack}{}",
+            runtime
+                .map(|r| format!(" and runtime {r}"))
+                .unwrap_or_default()
+        );
+    }
+    for r in &runtimes {
+        println!("{pack} {r}: row deleted");
+    }
+    print_report(&report, "removed");
+    Ok(())
 }

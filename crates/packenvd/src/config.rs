@@ -85,6 +85,11 @@ pub struct Settings {
     pub env_passthrough: Vec<String>,
     /// Written to `claimed_by`: who holds a row.
     pub instance_name: String,
+    /// A superseded build (or an orphaned environment) is kept at least this long, for the
+    /// actions still running in it.
+    pub gc_grace: Duration,
+    /// How often the collector looks for builds to remove.
+    pub gc_interval: Duration,
 }
 
 /// A configuration error: exit status 2.
@@ -365,6 +370,8 @@ impl Settings {
                 },
             )?,
             instance_name: r.get("instance_name", default_instance_name, |s| Ok(s.to_owned()))?,
+            gc_grace: r.get("gc_grace", || Duration::from_secs(3600), duration)?,
+            gc_interval: r.get("gc_interval", || Duration::from_secs(600), duration)?,
         };
         Ok((settings, r.sources))
     }
@@ -399,6 +406,14 @@ impl Settings {
             ("log_max_bytes", self.log_max_bytes.to_string()),
             ("env_passthrough", self.env_passthrough.join(",")),
             ("instance_name", self.instance_name.clone()),
+            (
+                "gc_grace",
+                humantime::format_duration(self.gc_grace).to_string(),
+            ),
+            (
+                "gc_interval",
+                humantime::format_duration(self.gc_interval).to_string(),
+            ),
         ];
         rows.into_iter()
             .map(|(k, v)| {
@@ -434,6 +449,16 @@ fn default_instance_name() -> String {
         .and_then(|h| h.into_string().ok())
         .unwrap_or_else(|| "unknown-host".into());
     format!("{host}:{}", std::process::id())
+}
+
+impl Settings {
+    /// The collector's part of the settings.
+    pub fn gc(&self) -> crate::gc::GcConfig {
+        crate::gc::GcConfig {
+            envs_root: self.envs_root.clone(),
+            grace: self.gc_grace,
+        }
+    }
 }
 
 #[cfg(test)]

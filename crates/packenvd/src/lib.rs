@@ -6,6 +6,7 @@
 //! - [`store`]: every SQL statement, one function each; the embedded migrations.
 //! - [`build`]: one build of a claimed row, without database access.
 //! - [`worker`]: the claim loop, heartbeats and rescue, fenced write-back, shutdown.
+//! - [`gc`]: removes superseded and orphaned builds after a grace, never one a process uses.
 //! - [`cli`]: the operator commands (`status`, `request`, `rebuild`, `logs`, ...).
 //!
 //! What an environment *is* (specs, templates, the step runner, the on-disk layout) lives in
@@ -14,5 +15,6 @@
 pub mod build;
 pub mod cli;
 pub mod config;
+pub mod gc;
 pub mod store;
 pub mod worker;

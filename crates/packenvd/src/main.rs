@@ -96,6 +96,10 @@ async fn dispatch(command: Command, settings: packenvd::config::Settings) -> any
             failed,
         } => cli::rebuild(&pool, pack.as_deref(), runtime.as_deref(), failed).await?,
         Command::Logs { pack, runtime } => cli::logs(&pool, &pack, &runtime).await?,
+        Command::Gc { dry_run } => cli::gc(&pool, &settings, dry_run).await?,
+        Command::Remove { pack, runtime } => {
+            cli::remove(&pool, &settings, &pack, runtime.as_deref()).await?
+        }
         Command::CheckConfig(_) => unreachable!("handled before connecting"),
     }
     Ok(())

@@ -40,6 +40,11 @@ pub struct Claimed {
     pub installers: serde_json::Value,
     pub claim_token: Uuid,
     pub attempts: i32,
+    /// The fingerprint and metadata of the current build, for the request fast path.
+    pub fingerprint: Option<String>,
+    pub metadata: serde_json::Value,
+    /// Set by `request_pack_environment()`: a matching fingerprint may skip the rebuild.
+    pub skip_if_current: bool,
 }
 
 /// Claims up to `limit` claimable rows in one statement and commits before returning.
@@ -62,7 +67,8 @@ pub async fn claim(
          FROM c, pack p, runtime r
          WHERE pe.id = c.id AND p.id = pe.pack AND r.id = pe.runtime
          RETURNING pe.id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, pe.env_path,
-                   p.storage_path, r.installers, pe.claim_token, pe.attempts",
+                   p.storage_path, r.installers, pe.claim_token, pe.attempts,
+                   pe.fingerprint, pe.metadata, pe.skip_if_current",
     )
     .bind(instance)
     .bind(lease.as_secs_f64())
@@ -115,11 +121,12 @@ pub async fn finish_ready(
     env_path: Option<&str>,
     log: &str,
     metadata: &serde_json::Value,
+    fingerprint: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
     let r = sqlx::query(
         "UPDATE pack_environment
-         SET status = 'ready', env_path = $3, install_log = $4, metadata = $5, install_error = NULL,
-             installed_at = now(), last_verified = now(),
+         SET status = 'ready', env_path = $3, install_log = $4, metadata = $5, fingerprint = $6,
+             install_error = NULL, installed_at = now(), last_verified = now(), skip_if_current = false,
              claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
          WHERE id = $1 AND claim_token = $2",
     )
@@ -128,6 +135,29 @@ pub async fn finish_ready(
     .bind(env_path)
     .bind(log)
     .bind(metadata)
+    .bind(fingerprint)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected() == 1)
+}
+
+/// Answers a request whose inputs did not change: `ready` again with the current build,
+/// which was just checked. False when the claim was lost.
+pub async fn finish_unchanged(
+    pool: &PgPool,
+    id: i64,
+    token: Uuid,
+    log: &str,
+) -> Result<bool, sqlx::Error> {
+    let r = sqlx::query(
+        "UPDATE pack_environment
+         SET status = 'ready', install_log = $3, install_error = NULL, last_verified = now(),
+             skip_if_current = false, claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
+         WHERE id = $1 AND claim_token = $2",
+    )
+    .bind(id)
+    .bind(token)
+    .bind(log)
     .execute(pool)
     .await?;
     Ok(r.rows_affected() == 1)
@@ -322,5 +352,41 @@ pub async fn upsert_pack(
     .bind(label)
     .bind(storage_path)
     .fetch_one(pool)
+    .await
+}
+
+/// What the garbage collector must not remove: every row's environment and current build,
+/// and the claim tokens of builds in progress.
+#[derive(Debug, sqlx::FromRow)]
+pub struct LiveEnv {
+    pub pack_ref: String,
+    pub env_path: Option<String>,
+    pub build_dir: Option<String>,
+    pub building_token: Option<Uuid>,
+}
+
+pub async fn live_environments(pool: &PgPool) -> Result<Vec<LiveEnv>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT pack_ref, env_path, metadata->>'build_dir' AS build_dir,
+                CASE WHEN status = 'installing' THEN claim_token END AS building_token
+         FROM pack_environment",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// Deletes environments on purpose (`packenvd remove`); returns their env paths.
+pub async fn remove(
+    pool: &PgPool,
+    pack_ref: &str,
+    runtime_ref: Option<&str>,
+) -> Result<Vec<(String, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "DELETE FROM pack_environment WHERE pack_ref = $1 AND ($2::text IS NULL OR runtime_ref = $2)
+         RETURNING runtime_ref, env_path",
+    )
+    .bind(pack_ref)
+    .bind(runtime_ref)
+    .fetch_all(pool)
     .await
 }

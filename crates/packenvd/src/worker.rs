@@ -80,6 +80,7 @@ impl Worker {
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(store::WAKEUP_CHANNEL).await?;
         let heartbeat = tokio::spawn(self.clone().heartbeat_loop(shutdown.stop.clone()));
+        let collector = tokio::spawn(self.clone().gc_loop());
         let mut builds = JoinSet::new();
         let mut db_delay = Duration::from_millis(200);
         tracing::info!(instance = %self.settings.instance_name, concurrency = self.settings.concurrency, "packenvd started");
@@ -139,6 +140,7 @@ impl Worker {
             }
         }
         heartbeat.abort();
+        collector.abort();
         Ok(())
     }
 
@@ -185,6 +187,27 @@ impl Worker {
                     Ok(n) => tracing::warn!(rows = n, "rescued rows whose lease expired"),
                     Err(e) => tracing::warn!(error = %e, "rescue failed"),
                 }
+            }
+        }
+    }
+
+    /// Runs the garbage collector every `gc_interval`; logs only when it did something.
+    async fn gc_loop(self) {
+        let cfg = self.settings.gc();
+        let mut tick = tokio::time::interval(self.settings.gc_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            match crate::gc::run_once(&self.pool, &cfg, false).await {
+                Ok(report) => {
+                    for r in &report.removed {
+                        tracing::info!(path = %r.path.display(), reason = %r.reason, "removed old build");
+                    }
+                    for r in &report.errors {
+                        tracing::warn!(path = %r.path.display(), reason = %r.reason, "collector");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "collector cannot read the rows"),
             }
         }
     }
@@ -256,7 +279,11 @@ impl Worker {
         let mut delay = Duration::from_millis(250);
         loop {
             let (outcome, written) = match &result {
-                BuildResult::Ready { env_path, metadata } => (
+                BuildResult::Ready {
+                    env_path,
+                    metadata,
+                    fingerprint,
+                } => (
                     "ready".to_string(),
                     store::finish_ready(
                         &self.pool,
@@ -265,8 +292,13 @@ impl Worker {
                         env_path.as_deref(),
                         log,
                         metadata,
+                        fingerprint.as_deref(),
                     )
                     .await,
+                ),
+                BuildResult::Unchanged => (
+                    "ready (already up to date)".to_string(),
+                    store::finish_unchanged(&self.pool, row.id, row.claim_token, log).await,
                 ),
                 BuildResult::Failed { error, retryable } => {
                     let retry_in =

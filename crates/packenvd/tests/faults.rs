@@ -428,7 +428,7 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
     assert_eq!(again.len(), 1);
     // The first holder's result and heartbeat now match nothing.
     assert!(
-        !packenvd::store::finish_ready(&pool, id, token, None, "late", &json!({}))
+        !packenvd::store::finish_ready(&pool, id, token, None, "late", &json!({}), None)
             .await
             .unwrap()
     );

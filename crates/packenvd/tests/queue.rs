@@ -224,7 +224,13 @@ async fn migrations_apply_to_a_database_that_already_has_pack_and_runtime_tables
         .unwrap();
     assert_eq!(
         seeded,
-        ["core.native", "core.nodejs", "core.python", "core.shell"]
+        [
+            "core.native",
+            "core.nodejs",
+            "core.python",
+            "core.python-uv",
+            "core.shell"
+        ]
     );
     // The platform's own core.python was kept, not overwritten by the seed.
     let installers: serde_json::Value =

@@ -104,11 +104,13 @@ pub struct Row {
     pub metadata: serde_json::Value,
     pub attempts: i32,
     pub claim_token: Option<uuid::Uuid>,
+    pub fingerprint: Option<String>,
 }
 
 pub async fn row(pool: &PgPool, id: i64) -> Row {
     sqlx::query_as(
-        "SELECT status::text AS status, env_path, install_error, install_log, metadata, attempts, claim_token
+        "SELECT status::text AS status, env_path, install_error, install_log, metadata, attempts, claim_token,
+                fingerprint
          FROM pack_environment WHERE id = $1",
     )
     .bind(id)
@@ -402,4 +404,79 @@ impl Drop for PrivateCluster {
             self.pg("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
         });
     }
+}
+
+/// Builds the fixture wheel at `version` into `dir`.
+pub fn make_wheel(dir: &Path, version: &str) {
+    let out = std::process::Command::new("python3")
+        .arg(fixtures().join("make_wheel.py"))
+        .arg(dir)
+        .args(["packenvd-fixture", version])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "make_wheel.py: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// tests/fixtures/index_server.py on a loopback port: a package index whose every request is
+/// logged, to tell a download from a cache hit.
+pub struct IndexServer {
+    child: std::process::Child,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl IndexServer {
+    pub fn start(wheels: &Path, log: PathBuf) -> IndexServer {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("python3")
+            .arg(fixtures().join("index_server.py"))
+            .arg(wheels)
+            .arg(&log)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("index server");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("port");
+        IndexServer {
+            child,
+            port: line.trim().parse().expect("port number"),
+            log,
+        }
+    }
+
+    pub fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect()
+    }
+}
+
+impl Drop for IndexServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `python -c code` and returns its trimmed stdout, panicking with stderr on failure.
+pub fn python(exe: &str, code: &str) -> String {
+    let out = std::process::Command::new(exe)
+        .args(["-c", code])
+        .current_dir("/")
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{exe} -c {code}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
