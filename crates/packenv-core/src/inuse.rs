@@ -113,6 +113,9 @@ mod tests {
         // `sh -c CMD NAME ARG`: ARG is an argument of a long-running process.
         let mut holder = std::process::Command::new("sh")
             .args(["-c", "sleep 30", "sh", &inside.display().to_string()])
+            // The orphaned `sleep` must not hold the test's output open after `sh` is killed.
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
         let found = dirs_in_use(&[dir.path().to_owned()]);
