@@ -268,7 +268,7 @@ impl Plan {
 }
 
 /// The scrubbed environment of every step (DESIGN §6).
-fn step_environment(settings: &Settings, cache_dir: &Path) -> BTreeMap<String, String> {
+pub(crate) fn step_environment(settings: &Settings, cache_dir: &Path) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
     for key in ["PATH", "HOME", "LANG"] {
         if let Ok(v) = std::env::var(key) {
@@ -367,7 +367,15 @@ async fn run_plan(
     let mut found = BTreeMap::new();
     for (name, exe) in &plan.executables {
         let path = resolve_executable(exe, plan.base_env.get("PATH").map_or("", String::as_str));
-        match executable_version(&path, build_dir, &plan.base_env, cancel).await {
+        match executable_version(
+            &path,
+            build_dir,
+            &plan.base_env,
+            EXECUTABLE_CHECK_TIMEOUT,
+            cancel,
+        )
+        .await
+        {
             Ok(version) => {
                 say(format!("==> executable '{name}': {path} ({version})"));
                 found.insert(name.clone(), (path, version));
@@ -387,7 +395,7 @@ async fn run_plan(
 }
 
 /// The executable whose version stands for "the interpreter" in the fingerprint.
-fn interpreter<V>(executables: &BTreeMap<String, V>) -> Option<(&String, &V)> {
+pub(crate) fn interpreter<V>(executables: &BTreeMap<String, V>) -> Option<(&String, &V)> {
     ["python", "node"]
         .iter()
         .find_map(|k| executables.get_key_value(*k))
@@ -413,7 +421,15 @@ async fn current_build_matches(
         serde_json::from_value(row.metadata["executables"].clone()).unwrap_or_default();
     let version = match interpreter(&executables) {
         None => None,
-        Some((_, path)) => match executable_version(path, &current, &plan.base_env, cancel).await {
+        Some((_, path)) => match executable_version(
+            path,
+            &current,
+            &plan.base_env,
+            EXECUTABLE_CHECK_TIMEOUT,
+            cancel,
+        )
+        .await
+        {
             Ok(v) => Some(v),
             Err(_) => return false,
         },
@@ -423,10 +439,11 @@ async fn current_build_matches(
 }
 
 /// Runs `<exe> --version`; Ok holds the first line of its output, Err the outcome and output.
-async fn executable_version(
+pub(crate) async fn executable_version(
     exe: &str,
     cwd: &Path,
     env: &BTreeMap<String, String>,
+    timeout: Duration,
     cancel: &CancellationToken,
 ) -> Result<String, (Outcome, String, Invocation)> {
     let inv = Invocation {
@@ -434,7 +451,7 @@ async fn executable_version(
         args: vec!["--version".into()],
         cwd: cwd.to_owned(),
         env: env.clone(),
-        timeout: EXECUTABLE_CHECK_TIMEOUT,
+        timeout,
     };
     let out = Arc::new(Mutex::new(CappedLog::new(4096)));
     let outcome = runner::run(&inv, &out, cancel).await;

@@ -76,6 +76,19 @@ pub enum Command {
         pack: String,
         runtime: Option<String>,
     },
+    /// Verify ready environments now; exit status 1 when any was found broken (it is then
+    /// `outdated` and a running daemon rebuilds it).
+    Verify {
+        /// Every ready environment, whatever the age of its last check.
+        #[arg(long, conflicts_with_all = ["stale", "pack"])]
+        all: bool,
+        /// Only environments whose last check is older than verify_max_age (the default).
+        #[arg(long)]
+        stale: bool,
+        /// Only this pack (any age).
+        pack: Option<String>,
+        runtime: Option<String>,
+    },
 }
 
 /// Flags that override the config file and environment.
@@ -148,7 +161,13 @@ pub async fn status(
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
     table.set_header([
-        "pack", "runtime", "status", "attempts", "env_path", "updated", "error",
+        "pack",
+        "runtime",
+        "status",
+        "attempts",
+        "env_path",
+        "last verified",
+        "error",
     ]);
     let now = chrono::Utc::now();
     for r in &rows {
@@ -173,7 +192,13 @@ pub async fn status(
             st,
             r.attempts.to_string(),
             r.env_path.clone().unwrap_or_else(|| "-".into()),
-            r.updated.format("%Y-%m-%d %H:%M:%S").to_string(),
+            match (&r.last_verified, r.last_verify_result.as_deref()) {
+                (Some(at), Some(res)) => {
+                    format!("{} {}", at.format("%Y-%m-%d %H:%M"), truncate(res, 30))
+                }
+                (Some(at), None) => at.format("%Y-%m-%d %H:%M").to_string(),
+                _ => "-".into(),
+            },
             truncate(error, 60),
         ]);
     }
@@ -289,4 +314,39 @@ pub async fn remove(
     }
     print_report(&report, "removed");
     Ok(())
+}
+
+/// `packenvd verify`; returns whether anything was found broken.
+pub async fn verify(
+    pool: &PgPool,
+    settings: &Settings,
+    all: bool,
+    pack: Option<String>,
+    runtime: Option<String>,
+) -> anyhow::Result<bool> {
+    use crate::verify::Scope;
+    let scope = match (all, pack) {
+        (true, _) => Scope::All,
+        (false, Some(pack)) => Scope::Pack { pack, runtime },
+        (false, None) => Scope::Stale,
+    };
+    let findings = crate::verify::run_pass(pool, settings, &scope).await?;
+    let mut broken = 0;
+    for f in &findings {
+        match &f.failure {
+            None => println!("ok      {} {}", f.pack_ref, f.runtime_ref),
+            Some(reason) => {
+                broken += 1;
+                println!(
+                    "BROKEN  {} {}: {reason} (now outdated: it will be rebuilt)",
+                    f.pack_ref, f.runtime_ref
+                );
+            }
+        }
+    }
+    println!(
+        "{} environment(s) verified, {broken} broken",
+        findings.len()
+    );
+    Ok(broken > 0)
 }

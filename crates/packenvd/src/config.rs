@@ -90,6 +90,16 @@ pub struct Settings {
     pub gc_grace: Duration,
     /// How often the collector looks for builds to remove.
     pub gc_interval: Duration,
+    /// When verification passes run: cron with seconds, e.g. "0 0 * * * *" (hourly).
+    pub verify_schedule: String,
+    /// A ready environment is checked again once its last check is older than this.
+    pub verify_max_age: Duration,
+    /// Limit of each check command (`--version`, `pip check`); past it the check fails.
+    pub verify_timeout: Duration,
+    /// Whether Python environments with pip also run `pip check`.
+    pub verify_pip_check: bool,
+    /// Rows a verification claim takes at once.
+    pub verify_batch: i64,
 }
 
 /// A configuration error: exit status 2.
@@ -372,6 +382,27 @@ impl Settings {
             instance_name: r.get("instance_name", default_instance_name, |s| Ok(s.to_owned()))?,
             gc_grace: r.get("gc_grace", || Duration::from_secs(3600), duration)?,
             gc_interval: r.get("gc_interval", || Duration::from_secs(600), duration)?,
+            verify_schedule: r.get(
+                "verify_schedule",
+                || "0 0 * * * *".into(),
+                |s| crate::verify::check_schedule(s).map(|()| s.to_owned()),
+            )?,
+            verify_max_age: r.get(
+                "verify_max_age",
+                || Duration::from_secs(7 * 86400),
+                duration,
+            )?,
+            verify_timeout: r.get("verify_timeout", || Duration::from_secs(60), duration)?,
+            verify_pip_check: r.get(
+                "verify_pip_check",
+                || true,
+                |s| match s {
+                    "true" | "1" | "yes" | "on" => Ok(true),
+                    "false" | "0" | "no" | "off" => Ok(false),
+                    _ => Err("expected true or false".into()),
+                },
+            )?,
+            verify_batch: r.get("verify_batch", || 100, positive)?,
         };
         Ok((settings, r.sources))
     }

@@ -6,6 +6,7 @@
 //! - [`store`]: every SQL statement, one function each; the embedded migrations.
 //! - [`build`]: one build of a claimed row, without database access.
 //! - [`worker`]: the claim loop, heartbeats and rescue, fenced write-back, shutdown.
+//! - [`verify`]: the verification passes (cron and `packenvd verify`).
 //! - [`gc`]: removes superseded and orphaned builds after a grace, never one a process uses.
 //! - [`cli`]: the operator commands (`status`, `request`, `rebuild`, `logs`, ...).
 //!
@@ -17,4 +18,5 @@ pub mod cli;
 pub mod config;
 pub mod gc;
 pub mod store;
+pub mod verify;
 pub mod worker;

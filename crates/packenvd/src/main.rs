@@ -34,7 +34,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(dispatch(cli.command, settings)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("packenvd: {e:#}");
             ExitCode::FAILURE
@@ -42,7 +42,10 @@ fn main() -> ExitCode {
     }
 }
 
-async fn dispatch(command: Command, settings: packenvd::config::Settings) -> anyhow::Result<()> {
+async fn dispatch(
+    command: Command,
+    settings: packenvd::config::Settings,
+) -> anyhow::Result<ExitCode> {
     let pool_size = u32::try_from(settings.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(4);
@@ -100,9 +103,19 @@ async fn dispatch(command: Command, settings: packenvd::config::Settings) -> any
         Command::Remove { pack, runtime } => {
             cli::remove(&pool, &settings, &pack, runtime.as_deref()).await?
         }
+        Command::Verify {
+            all,
+            stale: _,
+            pack,
+            runtime,
+        } => {
+            if cli::verify(&pool, &settings, all, pack, runtime).await? {
+                return Ok(ExitCode::from(1));
+            }
+        }
         Command::CheckConfig(_) => unreachable!("handled before connecting"),
     }
-    Ok(())
+    Ok(ExitCode::SUCCESS)
 }
 
 fn init_tracing(format: LogFormat) {

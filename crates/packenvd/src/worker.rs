@@ -81,6 +81,11 @@ impl Worker {
         listener.listen(store::WAKEUP_CHANNEL).await?;
         let heartbeat = tokio::spawn(self.clone().heartbeat_loop(shutdown.stop.clone()));
         let collector = tokio::spawn(self.clone().gc_loop());
+        let verifier = tokio::spawn(crate::verify::schedule(
+            self.pool.clone(),
+            self.settings.clone(),
+            shutdown.stop.clone(),
+        ));
         let mut builds = JoinSet::new();
         let mut db_delay = Duration::from_millis(200);
         tracing::info!(instance = %self.settings.instance_name, concurrency = self.settings.concurrency, "packenvd started");
@@ -141,6 +146,11 @@ impl Worker {
         }
         heartbeat.abort();
         collector.abort();
+        match tokio::time::timeout(Duration::from_secs(5), verifier).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "verification scheduler"),
+            Ok(_) => {}
+            Err(_) => tracing::warn!("verification scheduler did not stop in time"),
+        }
         Ok(())
     }
 

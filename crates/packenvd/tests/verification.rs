@@ -1,0 +1,229 @@
+//! Verification passes (DESIGN §7): stale environments are checked, broken ones go back to be
+//! rebuilt, fresh ones are left alone, and several instances share the work without overlap.
+
+mod common;
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use packenvd::verify::{run_pass, Scope};
+use serde_json::json;
+use sqlx::PgPool;
+
+/// A runtime whose environment holds one executable, `tool`, which hangs on `--version` while
+/// `<build>/hang` exists.
+fn tool_runtime() -> serde_json::Value {
+    json!({
+        "installers": [{"name": "tool", "command": "sh", "args": ["-c",
+            "mkdir -p {env_path}/bin && printf '#!/bin/sh\\nif [ -e {env_path}/hang ]; then sleep 600; fi\\necho tool 1.0\\n' > {env_path}/bin/tool && chmod +x {env_path}/bin/tool"]}],
+        "executable_templates": {"tool": "{env_path}/bin/tool"}
+    })
+}
+
+async fn make_stale(pool: &PgPool) {
+    sqlx::query("UPDATE pack_environment SET last_verified = now() - interval '8 days' WHERE status = 'ready'")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+async fn ready_tool_env(pool: &PgPool, env: &Env, pack: &str, files: &[(&str, &str)]) -> i64 {
+    env.pack_dir(pack, files);
+    add_pack(pool, pack).await;
+    let id = request(pool, pack, "t.tool").await;
+    env.worker(pool).drain().await.unwrap();
+    assert_eq!(status_of(pool, id).await, "ready");
+    id
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_stale_environment_whose_interpreter_was_deleted_is_rebuilt_and_ends_ready(pool: PgPool) {
+    let env = Env::new(&[]);
+    let wheels = env.dir.path().join("wheels");
+    let reqs = wheel_requirements(&wheels);
+    env.pack_dir("p", &[("requirements.txt", &reqs)]);
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "core.python").await;
+    env.worker(&pool).drain().await.unwrap();
+    let built = row(&pool, id).await;
+    assert_eq!(built.status, "ready");
+    make_stale(&pool).await;
+    let python = built.metadata["executables"]["python"].as_str().unwrap().to_owned();
+    std::fs::remove_file(&python).unwrap();
+
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    assert_eq!(found.len(), 1);
+    let reason = found[0].failure.clone().expect("a failure");
+    assert!(reason.contains("executable 'python'") && reason.contains("is missing"), "{reason}");
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "outdated");
+    assert!(r.install_error.unwrap().contains("verification failed: executable 'python'"));
+    // The old build stays served while the rebuild runs.
+    assert!(Path::new(r.env_path.as_deref().unwrap()).join("bin/pip").exists());
+
+    env.worker(&pool).drain().await.unwrap();
+    let rebuilt = row(&pool, id).await;
+    assert_eq!(rebuilt.status, "ready", "{:?}", rebuilt.install_error);
+    assert_ne!(rebuilt.metadata["build_id"], built.metadata["build_id"]);
+    assert_eq!(python_import(&rebuilt), "0.1.0");
+}
+
+fn python_import(r: &Row) -> String {
+    python(r.metadata["executables"]["python"].as_str().unwrap(), "import packenvd_fixture; print(packenvd_fixture.VERSION)")
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_fresh_environment_is_not_touched_by_a_pass(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    let before: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT last_verified FROM pack_environment WHERE id = $1").bind(id).fetch_one(&pool).await.unwrap();
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    assert!(found.is_empty(), "{found:?}");
+    let after: chrono::DateTime<chrono::Utc> =
+        sqlx::query_scalar("SELECT last_verified FROM pack_environment WHERE id = $1").bind(id).fetch_one(&pool).await.unwrap();
+    assert_eq!(before, after);
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_healthy_stale_environment_is_marked_verified(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    make_stale(&pool).await;
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(found[0].failure.is_none(), "{found:?}");
+    let (status, result, fresh): (String, String, bool) = sqlx::query_as(
+        "SELECT status::text, last_verify_result, last_verified > now() - interval '1 minute' FROM pack_environment WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), result.as_str(), fresh), ("ready", "ok", true));
+    let view: (bool, Option<String>) = sqlx::query_as("SELECT needs_verification, last_verify_result FROM v_pack_environment_status WHERE id = $1")
+        .bind(id)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(view, (false, Some("ok".into())));
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn an_edited_requirements_txt_makes_the_row_outdated_because_inputs_changed(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[("requirements.txt", "six==1.16.0\n")]).await;
+    std::fs::write(env.settings.packs_dir.join("p/requirements.txt"), "six==1.17.0\n").unwrap();
+    make_stale(&pool).await;
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    let reason = found[0].failure.clone().expect("a failure");
+    assert!(reason.starts_with("inputs changed"), "{reason}");
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "outdated");
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_hanging_check_is_cut_at_its_timeout_and_counts_as_failed(pool: PgPool) {
+    let env = Env::new(&[("verify_timeout", "1s")]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    let build_dir = row(&pool, id).await.metadata["build_dir"].as_str().unwrap().to_owned();
+    std::fs::write(Path::new(&build_dir).join("hang"), "").unwrap();
+    let started = Instant::now();
+    let found = run_pass(&pool, &env.settings, &Scope::All).await.unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let reason = found[0].failure.clone().expect("a failure");
+    assert!(reason.contains("executable 'tool'") && reason.contains("timed out after 1s"), "{reason}");
+    assert_eq!(status_of(&pool, id).await, "outdated");
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn two_instances_verify_a_thousand_stale_rows_each_exactly_once(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let first = ready_tool_env(&pool, &env, "p0", &[]).await;
+    let model = row(&pool, first).await;
+    // 999 more ready rows whose environments link to the same build: real links, real checks.
+    let build_dir = model.metadata["build_dir"].as_str().unwrap().to_owned();
+    let shared = env.settings.packs_dir.join("p0").display().to_string();
+    sqlx::query("INSERT INTO pack (ref, label, storage_path) SELECT 'p' || i, 'p', $1 FROM generate_series(1, 999) i")
+        .bind(&shared)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO pack_environment (pack, runtime, status, env_path, metadata, fingerprint, installed_at, last_verified)
+         SELECT p.id, r.id, 'ready', $1 || '/' || p.ref || '/t.tool', $2, $3, now(), now() - interval '30 days'
+         FROM pack p, runtime r WHERE r.ref = 't.tool' AND p.ref <> 'p0'",
+    )
+    .bind(env.envs_root().display().to_string())
+    .bind(&model.metadata)
+    .bind(&model.fingerprint)
+    .execute(&pool)
+    .await
+    .unwrap();
+    for i in 1..=999 {
+        let dir = env.envs_root().join(format!("p{i}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::os::unix::fs::symlink(&build_dir, dir.join("t.tool")).unwrap();
+    }
+    make_stale(&pool).await;
+
+    let (mut a, mut b) = (env.settings.clone(), env.settings.clone());
+    a.instance_name = "a".into();
+    b.instance_name = "b".into();
+    let started = Instant::now();
+    let (fa, fb) = tokio::join!(run_pass(&pool, &a, &Scope::Stale), run_pass(&pool, &b, &Scope::Stale));
+    let took = started.elapsed();
+    let (fa, fb) = (fa.unwrap(), fb.unwrap());
+    let all: Vec<&str> = fa.iter().chain(&fb).map(|f| f.pack_ref.as_str()).collect();
+    let unique: HashSet<&str> = all.iter().copied().collect();
+    assert_eq!(all.len(), 1000, "each row once: {} + {}", fa.len(), fb.len());
+    assert_eq!(unique.len(), 1000);
+    assert!(fa.iter().chain(&fb).all(|f| f.failure.is_none()), "{:?}", fa.iter().chain(&fb).find(|f| f.failure.is_some()));
+    assert!(!fa.is_empty() && !fb.is_empty(), "both instances took part: {} / {}", fa.len(), fb.len());
+    println!(
+        "FIGURE verification: 1000 environments by 2 instances in {:.2} s = {:.0} environments/s",
+        took.as_secs_f64(),
+        1000.0 / took.as_secs_f64()
+    );
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn packenvd_verify_exits_0_when_all_is_well_and_1_when_something_is_broken(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    let url = database_url(&pool);
+    let verify = |args: &[&str]| {
+        let s = &env.settings;
+        std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"))
+            .arg("verify")
+            .args(args)
+            .env("DATABASE_URL", &url)
+            .env("PACKENVD_ENVS_ROOT", &s.envs_root)
+            .env("PACKENVD_PACKS_DIR", &s.packs_dir)
+            .env("PACKENVD_CACHE_DIR", &s.cache_dir)
+            .output()
+            .unwrap()
+    };
+    let out = verify(&[]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 environment(s) verified"), "stale only by default");
+    let out = verify(&["--all"]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("ok      p t.tool"));
+
+    let tool = row(&pool, id).await.metadata["executables"]["tool"].as_str().unwrap().to_owned();
+    std::fs::remove_file(tool).unwrap();
+    let out = verify(&["p", "t.tool"]);
+    assert_eq!(out.status.code(), Some(1));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("BROKEN  p t.tool: executable 'tool'"), "{stdout}");
+    assert_eq!(status_of(&pool, id).await, "outdated");
+}
