@@ -100,6 +100,11 @@ pub struct Settings {
     pub verify_pip_check: bool,
     /// Rows a verification claim takes at once.
     pub verify_batch: i64,
+    /// Where `/metrics` and `/healthz` are served; `None` (the default) serves nothing.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Log filter (tracing `EnvFilter` syntax): "info", "debug" (every line of installer
+    /// output), "info,packenvd::verify=debug".
+    pub log_level: String,
 }
 
 /// A configuration error: exit status 2.
@@ -372,7 +377,10 @@ impl Settings {
                         .map(String::from)
                         .collect();
                     if let Some(bad) = names.iter().find(|n| {
-                        *n == "DATABASE_URL" || n.starts_with("PACKENVD_") || n.contains('=')
+                        *n == "DATABASE_URL"
+                            || *n == "NOTIFY_SOCKET"
+                            || n.starts_with("PACKENVD_")
+                            || n.contains('=')
                     }) {
                         return Err(format!("{bad} may not be passed to installer steps"));
                     }
@@ -403,6 +411,24 @@ impl Settings {
                 },
             )?,
             verify_batch: r.get("verify_batch", || 100, positive)?,
+            metrics_listen: r.get(
+                "metrics_listen",
+                || None,
+                |s| {
+                    s.parse()
+                        .map(Some)
+                        .map_err(|e| format!("{e} (use e.g. \"127.0.0.1:9187\")"))
+                },
+            )?,
+            log_level: r.get(
+                "log_level",
+                || "info,sqlx=warn,tokio_cron_scheduler=warn".into(),
+                |s| {
+                    tracing_subscriber::EnvFilter::try_new(s)
+                        .map(|_| s.to_owned())
+                        .map_err(|e| e.to_string())
+                },
+            )?,
         };
         Ok((settings, r.sources))
     }
@@ -489,6 +515,96 @@ impl Settings {
             envs_root: self.envs_root.clone(),
             grace: self.gc_grace,
         }
+    }
+}
+
+/// Keys whose new value SIGHUP applies; the others need a restart.
+pub const RELOADABLE: &[&str] = &[
+    "concurrency",
+    "poll_interval",
+    "step_timeout",
+    "max_attempts",
+    "retry_backoff",
+    "shutdown_grace",
+    "log_max_bytes",
+    "env_passthrough",
+    "gc_grace",
+    "gc_interval",
+    "verify_schedule",
+    "verify_max_age",
+    "verify_timeout",
+    "verify_pip_check",
+    "verify_batch",
+    "log_level",
+];
+
+/// One key whose value a reload changed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    pub key: &'static str,
+    pub old: String,
+    pub new: String,
+    /// False for keys that need a restart: the old value stays in force.
+    pub applied: bool,
+}
+
+impl Settings {
+    /// The settings a reload leads to: the reloadable keys of `new`, the rest of `self`; and
+    /// what changed.
+    pub fn reloaded(&self, new: &Settings) -> (Settings, Vec<Change>) {
+        let mut changes = Vec::new();
+        macro_rules! compare {
+            ($($field:ident),*) => {$(
+                let (old, new_value) = (format!("{:?}", self.$field), format!("{:?}", new.$field));
+                if old != new_value {
+                    let key = stringify!($field);
+                    changes.push(Change { key, old, new: new_value, applied: RELOADABLE.contains(&key) });
+                }
+            )*};
+        }
+        compare!(
+            envs_root,
+            packs_dir,
+            cache_dir,
+            concurrency,
+            poll_interval,
+            step_timeout,
+            lease,
+            max_attempts,
+            retry_backoff,
+            shutdown_grace,
+            log_max_bytes,
+            env_passthrough,
+            instance_name,
+            gc_grace,
+            gc_interval,
+            verify_schedule,
+            verify_max_age,
+            verify_timeout,
+            verify_pip_check,
+            verify_batch,
+            metrics_listen,
+            log_level
+        );
+        if self.database_url.expose() != new.database_url.expose() {
+            changes.push(Change {
+                key: "database_url",
+                old: "***".into(),
+                new: "***".into(),
+                applied: false,
+            });
+        }
+        let merged = Settings {
+            database_url: self.database_url.clone(),
+            envs_root: self.envs_root.clone(),
+            packs_dir: self.packs_dir.clone(),
+            cache_dir: self.cache_dir.clone(),
+            lease: self.lease,
+            instance_name: self.instance_name.clone(),
+            metrics_listen: self.metrics_listen,
+            ..new.clone()
+        };
+        (merged, changes)
     }
 }
 
@@ -600,5 +716,39 @@ mod tests {
         assert!(!format!("{s:?}").contains("hunter2"));
         assert!(!s.describe(&src).contains("hunter2"));
         assert!(s.describe(&src).contains("postgres://u:***@h/db"));
+    }
+
+    #[test]
+    fn a_reload_applies_reloadable_keys_and_keeps_the_others() {
+        let (old, _) =
+            Settings::load(layers(&[("DATABASE_URL", "postgres://a")], &[]), true).unwrap();
+        let (new, _) = Settings::load(
+            layers(
+                &[
+                    ("DATABASE_URL", "postgres://b"),
+                    ("PACKENVD_CONCURRENCY", "9"),
+                    ("PACKENVD_ENVS_ROOT", "/elsewhere"),
+                ],
+                &[],
+            ),
+            true,
+        )
+        .unwrap();
+        let (merged, changes) = old.reloaded(&new);
+        assert_eq!(merged.concurrency, 9);
+        assert_eq!(merged.envs_root, old.envs_root);
+        assert_eq!(merged.database_url.expose(), "postgres://a");
+        let applied: Vec<_> = changes
+            .iter()
+            .filter(|c| c.applied)
+            .map(|c| c.key)
+            .collect();
+        let ignored: Vec<_> = changes
+            .iter()
+            .filter(|c| !c.applied)
+            .map(|c| c.key)
+            .collect();
+        assert_eq!(applied, ["concurrency"]);
+        assert_eq!(ignored, ["envs_root", "database_url"]);
     }
 }

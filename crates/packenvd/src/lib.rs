@@ -7,6 +7,7 @@
 //! - [`build`]: one build of a claimed row, without database access.
 //! - [`worker`]: the claim loop, heartbeats and rescue, fenced write-back, shutdown.
 //! - [`verify`]: the verification passes (cron and `packenvd verify`).
+//! - [`ops`]: metrics, `/healthz`, the systemd notify protocol.
 //! - [`gc`]: removes superseded and orphaned builds after a grace, never one a process uses.
 //! - [`cli`]: the operator commands (`status`, `request`, `rebuild`, `logs`, ...).
 //!
@@ -17,6 +18,7 @@ pub mod build;
 pub mod cli;
 pub mod config;
 pub mod gc;
+pub mod ops;
 pub mod store;
 pub mod verify;
 pub mod worker;

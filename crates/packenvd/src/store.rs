@@ -45,6 +45,8 @@ pub struct Claimed {
     pub metadata: serde_json::Value,
     /// Set by `request_pack_environment()`: a matching fingerprint may skip the rebuild.
     pub skip_if_current: bool,
+    /// Seconds from the row becoming claimable (its last write, or its run_after) to this claim.
+    pub pickup_secs: f64,
 }
 
 /// Claims up to `limit` claimable rows in one statement and commits before returning.
@@ -56,7 +58,7 @@ pub async fn claim(
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as(
         "WITH c AS MATERIALIZED (
-             SELECT id FROM pack_environment
+             SELECT id, greatest(run_after, updated) AS claimable_since FROM pack_environment
              WHERE status IN ('pending', 'outdated') AND run_after <= now()
              ORDER BY run_after, id
              LIMIT $3
@@ -68,7 +70,8 @@ pub async fn claim(
          WHERE pe.id = c.id AND p.id = pe.pack AND r.id = pe.runtime
          RETURNING pe.id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, pe.env_path,
                    p.storage_path, r.installers, pe.claim_token, pe.attempts,
-                   pe.fingerprint, pe.metadata, pe.skip_if_current",
+                   pe.fingerprint, pe.metadata, pe.skip_if_current,
+                   extract(epoch FROM clock_timestamp() - c.claimable_since)::float8 AS pickup_secs",
     )
     .bind(instance)
     .bind(lease.as_secs_f64())

@@ -214,39 +214,80 @@ async fn check(settings: &Settings, row: &ToVerify) -> Result<(), String> {
     Ok(())
 }
 
-/// Runs a stale pass on `schedule` (cron with seconds) until `stop`; a pass still running when
-/// the next is due is not doubled.
+/// Runs stale passes on `verify_schedule` until `stop`, restarting the scheduler when a reload
+/// changes the schedule. A pass still running when the next is due is not doubled.
 pub async fn schedule(
     pool: PgPool,
-    settings: std::sync::Arc<Settings>,
+    mut settings: tokio::sync::watch::Receiver<std::sync::Arc<Settings>>,
+    metrics: std::sync::Arc<crate::ops::Metrics>,
     stop: CancellationToken,
 ) -> anyhow::Result<()> {
     use tokio_cron_scheduler::{Job, JobScheduler};
-    let mut scheduler = JobScheduler::new().await?;
     let running = std::sync::Arc::new(tokio::sync::Mutex::new(()));
-    let expr = settings.verify_schedule.clone();
-    let job = Job::new_async(expr.as_str(), move |_, _| {
-        let (pool, settings, running) = (pool.clone(), settings.clone(), running.clone());
-        Box::pin(async move {
-            let Ok(_guard) = running.try_lock() else {
-                tracing::info!("previous verification pass still running; skipping this one");
-                return;
-            };
-            match run_pass(&pool, &settings, &Scope::Stale).await {
-                Ok(found) if found.is_empty() => {}
-                Ok(found) => {
-                    let broken = found.iter().filter(|f| f.failure.is_some()).count();
-                    tracing::info!(verified = found.len(), broken, "verification pass done");
+    loop {
+        let expr = settings.borrow_and_update().verify_schedule.clone();
+        let mut scheduler = JobScheduler::new().await?;
+        let (pool, rx, running, metrics) = (
+            pool.clone(),
+            settings.clone(),
+            running.clone(),
+            metrics.clone(),
+        );
+        let job = Job::new_async(expr.as_str(), move |_, _| {
+            let (pool, settings, running, metrics) = (
+                pool.clone(),
+                rx.borrow().clone(),
+                running.clone(),
+                metrics.clone(),
+            );
+            Box::pin(async move {
+                let Ok(_guard) = running.try_lock() else {
+                    tracing::info!("previous verification pass still running; skipping this one");
+                    return;
+                };
+                match run_pass(&pool, &settings, &Scope::Stale).await {
+                    Ok(found) if found.is_empty() => {}
+                    Ok(found) => {
+                        let broken = found.iter().filter(|f| f.failure.is_some()).count();
+                        let label = |result| crate::ops::ResultLabel { result };
+                        metrics
+                            .verifications
+                            .get_or_create(&label("ok"))
+                            .inc_by((found.len() - broken) as u64);
+                        metrics
+                            .verifications
+                            .get_or_create(&label("failed"))
+                            .inc_by(broken as u64);
+                        tracing::info!(verified = found.len(), broken, "verification pass done");
+                    }
+                    Err(e) => {
+                        metrics.db_errors.inc();
+                        tracing::warn!(error = %e, "verification pass failed");
+                    }
                 }
-                Err(e) => tracing::warn!(error = %e, "verification pass failed"),
+            })
+        })?;
+        scheduler.add(job).await?;
+        scheduler.start().await?;
+        let changed = loop {
+            tokio::select! {
+                () = stop.cancelled() => break false,
+                r = settings.changed() => {
+                    if r.is_err() {
+                        break false;
+                    }
+                    if settings.borrow().verify_schedule != expr {
+                        break true;
+                    }
+                }
             }
-        })
-    })?;
-    scheduler.add(job).await?;
-    scheduler.start().await?;
-    stop.cancelled().await;
-    scheduler.shutdown().await?;
-    Ok(())
+        };
+        scheduler.shutdown().await?;
+        if !changed {
+            return Ok(());
+        }
+        tracing::info!(schedule = %settings.borrow().verify_schedule, "verification schedule changed");
+    }
 }
 
 /// Checks a cron expression the way the scheduler will read it.

@@ -10,6 +10,7 @@ use std::time::Duration;
 use packenv_core::log::CappedLog;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
+use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -17,6 +18,7 @@ use uuid::Uuid;
 
 use crate::build::{self, BuildResult};
 use crate::config::Settings;
+use crate::ops::{Health, Metrics, Notifier};
 use crate::store::{self, Claimed};
 
 /// How often a running build's log is written to its row.
@@ -40,20 +42,48 @@ pub struct Shutdown {
 #[derive(Debug, Clone)]
 pub struct Worker {
     pool: PgPool,
-    settings: Arc<Settings>,
+    /// The current settings; SIGHUP sends new ones. Each build takes a snapshot at its start.
+    settings: watch::Receiver<Arc<Settings>>,
+    settings_tx: Arc<watch::Sender<Arc<Settings>>>,
     inflight: Inflight,
     /// Cancelled when running builds must die (grace over); their rows go back to pending.
     kill_builds: CancellationToken,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    notifier: Arc<Notifier>,
 }
 
 impl Worker {
     pub fn new(pool: PgPool, settings: Arc<Settings>) -> Self {
+        let (tx, rx) = watch::channel(settings);
         Worker {
             pool,
-            settings,
+            settings: rx,
+            settings_tx: Arc::new(tx),
             inflight: Arc::default(),
             kill_builds: CancellationToken::new(),
+            metrics: Arc::default(),
+            health: Arc::default(),
+            notifier: Arc::default(),
         }
+    }
+
+    /// The settings now.
+    pub fn cfg(&self) -> Arc<Settings> {
+        self.settings.borrow().clone()
+    }
+
+    /// Applies reloaded settings (SIGHUP); running builds keep the ones they started with.
+    pub fn reload(&self, settings: Settings) {
+        self.settings_tx.send_replace(Arc::new(settings));
+    }
+
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
+    }
+
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
     }
 
     /// Claims and builds until nothing is claimable and no build runs; returns how many builds
@@ -62,7 +92,9 @@ impl Worker {
         let mut builds = JoinSet::new();
         let mut total = 0;
         loop {
-            let claimed = self.claim(self.settings.concurrency - builds.len()).await?;
+            let claimed = self
+                .claim(self.cfg().concurrency.saturating_sub(builds.len()))
+                .await?;
             total += claimed.len();
             for row in claimed {
                 builds.spawn(self.clone().build_and_write_back(row));
@@ -79,22 +111,37 @@ impl Worker {
         // Listen before the first claim, so no wake-up between the two is missed.
         let mut listener = PgListener::connect_with(&self.pool).await?;
         listener.listen(store::WAKEUP_CHANNEL).await?;
-        let heartbeat = tokio::spawn(self.clone().heartbeat_loop(shutdown.stop.clone()));
+        // Ends the helpers below when the loop ends, whether by a signal or `until_done`.
+        let helpers = shutdown.stop.child_token();
+        let _stop_helpers = helpers.clone().drop_guard();
+        let heartbeat = tokio::spawn(self.clone().heartbeat_loop(helpers.clone()));
         let collector = tokio::spawn(self.clone().gc_loop());
         let verifier = tokio::spawn(crate::verify::schedule(
             self.pool.clone(),
             self.settings.clone(),
-            shutdown.stop.clone(),
+            self.metrics.clone(),
+            helpers.clone(),
         ));
+        let status_line = tokio::spawn(self.clone().status_loop());
         let mut builds = JoinSet::new();
         let mut db_delay = Duration::from_millis(200);
-        tracing::info!(instance = %self.settings.instance_name, concurrency = self.settings.concurrency, "packenvd started");
+        let cfg = self.cfg();
+        tracing::info!(instance = %cfg.instance_name, concurrency = cfg.concurrency, "packenvd started");
+        self.health.db_answered();
+        self.notifier.ready(&format!(
+            "connected; up to {} builds at once",
+            cfg.concurrency
+        ));
         loop {
-            let free = self.settings.concurrency - builds.len();
+            self.health.loop_turned();
+            self.notifier.watchdog();
+            let cfg = self.cfg();
+            let free = cfg.concurrency.saturating_sub(builds.len());
             let mut claimed_any = false;
             if free > 0 {
                 match self.claim(free).await {
                     Ok(rows) => {
+                        self.health.db_answered();
                         db_delay = Duration::from_millis(200);
                         claimed_any = !rows.is_empty();
                         for row in rows {
@@ -102,6 +149,8 @@ impl Worker {
                         }
                     }
                     Err(e) => {
+                        self.metrics.db_errors.inc();
+                        self.notifier.status(&format!("database unreachable: {e}"));
                         tracing::warn!(error = %e, retry_in = ?db_delay, "claim failed; database unreachable?");
                         tokio::select! {
                             () = tokio::time::sleep(db_delay) => {}
@@ -123,16 +172,20 @@ impl Worker {
                     tracing::warn!(error = %e, "lost the NOTIFY connection");
                     tokio::time::sleep(db_delay).await;
                 },
-                () = tokio::time::sleep(self.settings.poll_interval) => {}
+                () = tokio::time::sleep(cfg.poll_interval) => {}
             }
         }
+        self.notifier
+            .stopping(&format!("stopping: {} build(s) finishing", builds.len()));
+        status_line.abort();
 
         if !builds.is_empty() {
-            tracing::info!(running = builds.len(), grace = %humantime::format_duration(self.settings.shutdown_grace), "stopping: waiting for running builds");
+            let grace = self.cfg().shutdown_grace;
+            tracing::info!(running = builds.len(), grace = %humantime::format_duration(grace), "stopping: waiting for running builds");
             let finish_all = async { while builds.join_next().await.is_some() {} };
             tokio::select! {
                 () = finish_all => {}
-                () = tokio::time::sleep(self.settings.shutdown_grace) => {}
+                () = tokio::time::sleep(grace) => {}
                 () = shutdown.kill.cancelled() => {}
             }
             if !builds.is_empty() {
@@ -146,6 +199,7 @@ impl Worker {
         }
         heartbeat.abort();
         collector.abort();
+        helpers.cancel();
         match tokio::time::timeout(Duration::from_secs(5), verifier).await {
             Ok(Ok(Err(e))) => tracing::warn!(error = %e, "verification scheduler"),
             Ok(_) => {}
@@ -158,14 +212,12 @@ impl Worker {
         if free == 0 {
             return Ok(Vec::new());
         }
-        let rows = store::claim(
-            &self.pool,
-            &self.settings.instance_name,
-            self.settings.lease,
-            free as i64,
-        )
-        .await?;
+        let cfg = self.cfg();
+        let rows = store::claim(&self.pool, &cfg.instance_name, cfg.lease, free as i64).await?;
         for row in &rows {
+            self.metrics
+                .pickup_latency
+                .observe(row.pickup_secs.max(0.0));
             self.inflight
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -186,16 +238,23 @@ impl Worker {
     /// Renews leases every third of the lease, cancels builds whose claim was lost, and
     /// rescues rows whose holder stopped renewing.
     async fn heartbeat_loop(self, stop: CancellationToken) {
-        let mut tick = tokio::time::interval(self.settings.lease / 3);
+        // The lease is not reloadable, so neither is this period.
+        let mut tick = tokio::time::interval(self.cfg().lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;
             self.heartbeat_once().await;
             if !stop.is_cancelled() {
-                match store::rescue_expired(&self.pool, self.settings.max_attempts).await {
+                match store::rescue_expired(&self.pool, self.cfg().max_attempts).await {
                     Ok(0) => {}
-                    Ok(n) => tracing::warn!(rows = n, "rescued rows whose lease expired"),
-                    Err(e) => tracing::warn!(error = %e, "rescue failed"),
+                    Ok(n) => {
+                        self.metrics.rescued.inc_by(n);
+                        tracing::warn!(rows = n, "rescued rows whose lease expired");
+                    }
+                    Err(e) => {
+                        self.metrics.db_errors.inc();
+                        tracing::warn!(error = %e, "rescue failed");
+                    }
                 }
             }
         }
@@ -203,12 +262,9 @@ impl Worker {
 
     /// Runs the garbage collector every `gc_interval`; logs only when it did something.
     async fn gc_loop(self) {
-        let cfg = self.settings.gc();
-        let mut tick = tokio::time::interval(self.settings.gc_interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            tick.tick().await;
-            match crate::gc::run_once(&self.pool, &cfg, false).await {
+            tokio::time::sleep(self.cfg().gc_interval).await;
+            match crate::gc::run_once(&self.pool, &self.cfg().gc(), false).await {
                 Ok(report) => {
                     for r in &report.removed {
                         tracing::info!(path = %r.path.display(), reason = %r.reason, "removed old build");
@@ -217,8 +273,37 @@ impl Worker {
                         tracing::warn!(path = %r.path.display(), reason = %r.reason, "collector");
                     }
                 }
-                Err(e) => tracing::warn!(error = %e, "collector cannot read the rows"),
+                Err(e) => {
+                    self.metrics.db_errors.inc();
+                    tracing::warn!(error = %e, "collector cannot read the rows");
+                }
             }
+        }
+    }
+
+    /// Keeps systemd's STATUS= line current ("3 building, 12 pending"). Runs only under
+    /// systemd, so a daemon elsewhere sends no statements for it.
+    async fn status_loop(self) {
+        if std::env::var_os("NOTIFY_SOCKET").is_none() {
+            return;
+        }
+        loop {
+            let building = self
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .len();
+            if let Ok(counts) = store::count_by_status(&self.pool).await {
+                let n = |s: &str| counts.iter().find(|(k, _)| k == s).map_or(0, |(_, n)| *n);
+                self.notifier.status(&format!(
+                    "{building} building, {} pending, {} outdated, {} failed, {} ready",
+                    n("pending"),
+                    n("outdated"),
+                    n("failed"),
+                    n("ready")
+                ));
+            }
+            tokio::time::sleep(Duration::from_secs(10)).await;
         }
     }
 
@@ -234,17 +319,23 @@ impl Worker {
         if held.is_empty() {
             return;
         }
-        match store::heartbeat(&self.pool, &held, self.settings.lease).await {
+        match store::heartbeat(&self.pool, &held, self.cfg().lease).await {
             Ok(kept) => {
+                self.health.db_answered();
+                self.metrics.heartbeats.inc();
                 let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
                 for token in held.iter().filter(|t| !kept.contains(t)) {
                     if let Some(cancel) = inflight.get(token) {
+                        self.metrics.claims_lost.inc();
                         tracing::warn!(claim_token = %token, "claim lost (reset by an operator or rescued); cancelling its build");
                         cancel.cancel();
                     }
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "heartbeat failed; leases not renewed"),
+            Err(e) => {
+                self.metrics.db_errors.inc();
+                tracing::warn!(error = %e, "heartbeat failed; leases not renewed");
+            }
         }
     }
 
@@ -259,7 +350,8 @@ impl Worker {
                 .get(&row.claim_token)
                 .cloned()
                 .unwrap_or_default();
-            let log = Arc::new(Mutex::new(CappedLog::new(self.settings.log_max_bytes)));
+            let settings = self.cfg();
+            let log = Arc::new(Mutex::new(CappedLog::new(settings.log_max_bytes)));
             let flusher = tokio::spawn(flush_log_loop(
                 self.pool.clone(),
                 row.id,
@@ -268,10 +360,13 @@ impl Worker {
                 cancel.clone(),
             ));
             let started = std::time::Instant::now();
-            let result = build::run(&self.settings, &row, &log, &cancel).await;
+            let result = build::run(&settings, &row, &log, &cancel).await;
             flusher.abort();
             let text = log.lock().unwrap_or_else(|p| p.into_inner()).render();
-            self.write_back(&row, result, &text, started.elapsed())
+            self.metrics
+                .build_duration
+                .observe(started.elapsed().as_secs_f64());
+            self.write_back(&settings, &row, result, &text, started.elapsed())
                 .await;
             self.inflight
                 .lock()
@@ -284,7 +379,14 @@ impl Worker {
 
     /// Writes the result, retrying with backoff while the database is away: a finished build
     /// is never lost to an outage. Gives up only when the process is being killed.
-    async fn write_back(&self, row: &Claimed, result: BuildResult, log: &str, took: Duration) {
+    async fn write_back(
+        &self,
+        settings: &Settings,
+        row: &Claimed,
+        result: BuildResult,
+        log: &str,
+        took: Duration,
+    ) {
         let took = humantime::format_duration(Duration::from_millis(took.as_millis() as u64));
         let mut delay = Duration::from_millis(250);
         loop {
@@ -311,10 +413,8 @@ impl Worker {
                     store::finish_unchanged(&self.pool, row.id, row.claim_token, log).await,
                 ),
                 BuildResult::Failed { error, retryable } => {
-                    let retry_in =
-                        (*retryable && (row.attempts as u32) < self.settings.max_attempts).then(
-                            || backoff(self.settings.retry_backoff, row.attempts, row.claim_token),
-                        );
+                    let retry_in = (*retryable && (row.attempts as u32) < settings.max_attempts)
+                        .then(|| backoff(settings.retry_backoff, row.attempts, row.claim_token));
                     let outcome = match retry_in {
                         Some(d) => format!(
                             "pending (retry in {})",
@@ -342,6 +442,13 @@ impl Worker {
             };
             match written {
                 Ok(true) => {
+                    self.metrics.build(match &result {
+                        BuildResult::Ready { .. } => "ready",
+                        BuildResult::Unchanged => "unchanged",
+                        BuildResult::Failed { .. } if outcome.starts_with("pending") => "retry",
+                        BuildResult::Failed { .. } => "failed",
+                        BuildResult::Cancelled => "cancelled",
+                    });
                     match &result {
                         BuildResult::Failed { error, .. } => {
                             tracing::warn!(status = %outcome, took = %took, error = %error.lines().next().unwrap_or_default(), "build failed")
@@ -351,10 +458,12 @@ impl Worker {
                     return;
                 }
                 Ok(false) => {
+                    self.metrics.build("discarded");
                     tracing::warn!(would_have_been = %outcome, "claim no longer ours (reset or rescued); result discarded");
                     return;
                 }
                 Err(e) => {
+                    self.metrics.db_errors.inc();
                     tracing::warn!(error = %e, retry_in = ?delay, "cannot write result back; keeping it and retrying");
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(MAX_DB_RETRY_DELAY);

@@ -50,18 +50,29 @@ async fn a_stale_environment_whose_interpreter_was_deleted_is_rebuilt_and_ends_r
     let built = row(&pool, id).await;
     assert_eq!(built.status, "ready");
     make_stale(&pool).await;
-    let python = built.metadata["executables"]["python"].as_str().unwrap().to_owned();
+    let python = built.metadata["executables"]["python"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     std::fs::remove_file(&python).unwrap();
 
     let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
     assert_eq!(found.len(), 1);
     let reason = found[0].failure.clone().expect("a failure");
-    assert!(reason.contains("executable 'python'") && reason.contains("is missing"), "{reason}");
+    assert!(
+        reason.contains("executable 'python'") && reason.contains("is missing"),
+        "{reason}"
+    );
     let r = row(&pool, id).await;
     assert_eq!(r.status, "outdated");
-    assert!(r.install_error.unwrap().contains("verification failed: executable 'python'"));
+    assert!(r
+        .install_error
+        .unwrap()
+        .contains("verification failed: executable 'python'"));
     // The old build stays served while the rebuild runs.
-    assert!(Path::new(r.env_path.as_deref().unwrap()).join("bin/pip").exists());
+    assert!(Path::new(r.env_path.as_deref().unwrap())
+        .join("bin/pip")
+        .exists());
 
     env.worker(&pool).drain().await.unwrap();
     let rebuilt = row(&pool, id).await;
@@ -71,7 +82,10 @@ async fn a_stale_environment_whose_interpreter_was_deleted_is_rebuilt_and_ends_r
 }
 
 fn python_import(r: &Row) -> String {
-    python(r.metadata["executables"]["python"].as_str().unwrap(), "import packenvd_fixture; print(packenvd_fixture.VERSION)")
+    python(
+        r.metadata["executables"]["python"].as_str().unwrap(),
+        "import packenvd_fixture; print(packenvd_fixture.VERSION)",
+    )
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -80,11 +94,19 @@ async fn a_fresh_environment_is_not_touched_by_a_pass(pool: PgPool) {
     add_runtime(&pool, "t.tool", tool_runtime()).await;
     let id = ready_tool_env(&pool, &env, "p", &[]).await;
     let before: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT last_verified FROM pack_environment WHERE id = $1").bind(id).fetch_one(&pool).await.unwrap();
+        sqlx::query_scalar("SELECT last_verified FROM pack_environment WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
     assert!(found.is_empty(), "{found:?}");
     let after: chrono::DateTime<chrono::Utc> =
-        sqlx::query_scalar("SELECT last_verified FROM pack_environment WHERE id = $1").bind(id).fetch_one(&pool).await.unwrap();
+        sqlx::query_scalar("SELECT last_verified FROM pack_environment WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(before, after);
 }
 
@@ -104,7 +126,10 @@ async fn a_healthy_stale_environment_is_marked_verified(pool: PgPool) {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((status.as_str(), result.as_str(), fresh), ("ready", "ok", true));
+    assert_eq!(
+        (status.as_str(), result.as_str(), fresh),
+        ("ready", "ok", true)
+    );
     let view: (bool, Option<String>) = sqlx::query_as("SELECT needs_verification, last_verify_result FROM v_pack_environment_status WHERE id = $1")
         .bind(id)
         .fetch_one(&pool)
@@ -118,7 +143,11 @@ async fn an_edited_requirements_txt_makes_the_row_outdated_because_inputs_change
     let env = Env::new(&[]);
     add_runtime(&pool, "t.tool", tool_runtime()).await;
     let id = ready_tool_env(&pool, &env, "p", &[("requirements.txt", "six==1.16.0\n")]).await;
-    std::fs::write(env.settings.packs_dir.join("p/requirements.txt"), "six==1.17.0\n").unwrap();
+    std::fs::write(
+        env.settings.packs_dir.join("p/requirements.txt"),
+        "six==1.17.0\n",
+    )
+    .unwrap();
     make_stale(&pool).await;
     let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
     let reason = found[0].failure.clone().expect("a failure");
@@ -132,13 +161,19 @@ async fn a_hanging_check_is_cut_at_its_timeout_and_counts_as_failed(pool: PgPool
     let env = Env::new(&[("verify_timeout", "1s")]);
     add_runtime(&pool, "t.tool", tool_runtime()).await;
     let id = ready_tool_env(&pool, &env, "p", &[]).await;
-    let build_dir = row(&pool, id).await.metadata["build_dir"].as_str().unwrap().to_owned();
+    let build_dir = row(&pool, id).await.metadata["build_dir"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     std::fs::write(Path::new(&build_dir).join("hang"), "").unwrap();
     let started = Instant::now();
     let found = run_pass(&pool, &env.settings, &Scope::All).await.unwrap();
     assert!(started.elapsed() < Duration::from_secs(10));
     let reason = found[0].failure.clone().expect("a failure");
-    assert!(reason.contains("executable 'tool'") && reason.contains("timed out after 1s"), "{reason}");
+    assert!(
+        reason.contains("executable 'tool'") && reason.contains("timed out after 1s"),
+        "{reason}"
+    );
     assert_eq!(status_of(&pool, id).await, "outdated");
 }
 
@@ -178,15 +213,33 @@ async fn two_instances_verify_a_thousand_stale_rows_each_exactly_once(pool: PgPo
     a.instance_name = "a".into();
     b.instance_name = "b".into();
     let started = Instant::now();
-    let (fa, fb) = tokio::join!(run_pass(&pool, &a, &Scope::Stale), run_pass(&pool, &b, &Scope::Stale));
+    let (fa, fb) = tokio::join!(
+        run_pass(&pool, &a, &Scope::Stale),
+        run_pass(&pool, &b, &Scope::Stale)
+    );
     let took = started.elapsed();
     let (fa, fb) = (fa.unwrap(), fb.unwrap());
     let all: Vec<&str> = fa.iter().chain(&fb).map(|f| f.pack_ref.as_str()).collect();
     let unique: HashSet<&str> = all.iter().copied().collect();
-    assert_eq!(all.len(), 1000, "each row once: {} + {}", fa.len(), fb.len());
+    assert_eq!(
+        all.len(),
+        1000,
+        "each row once: {} + {}",
+        fa.len(),
+        fb.len()
+    );
     assert_eq!(unique.len(), 1000);
-    assert!(fa.iter().chain(&fb).all(|f| f.failure.is_none()), "{:?}", fa.iter().chain(&fb).find(|f| f.failure.is_some()));
-    assert!(!fa.is_empty() && !fb.is_empty(), "both instances took part: {} / {}", fa.len(), fb.len());
+    assert!(
+        fa.iter().chain(&fb).all(|f| f.failure.is_none()),
+        "{:?}",
+        fa.iter().chain(&fb).find(|f| f.failure.is_some())
+    );
+    assert!(
+        !fa.is_empty() && !fb.is_empty(),
+        "both instances took part: {} / {}",
+        fa.len(),
+        fb.len()
+    );
     println!(
         "FIGURE verification: 1000 environments by 2 instances in {:.2} s = {:.0} environments/s",
         took.as_secs_f64(),
@@ -214,16 +267,30 @@ async fn packenvd_verify_exits_0_when_all_is_well_and_1_when_something_is_broken
     };
     let out = verify(&[]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("0 environment(s) verified"), "stale only by default");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("0 environment(s) verified"),
+        "stale only by default"
+    );
     let out = verify(&["--all"]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("ok      p t.tool"));
 
-    let tool = row(&pool, id).await.metadata["executables"]["tool"].as_str().unwrap().to_owned();
+    let tool = row(&pool, id).await.metadata["executables"]["tool"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     std::fs::remove_file(tool).unwrap();
     let out = verify(&["p", "t.tool"]);
     assert_eq!(out.status.code(), Some(1));
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(stdout.contains("BROKEN  p t.tool: executable 'tool'"), "{stdout}");
+    assert!(
+        stdout.contains("BROKEN  p t.tool: executable 'tool'"),
+        "{stdout}"
+    );
     assert_eq!(status_of(&pool, id).await, "outdated");
 }

@@ -201,7 +201,6 @@ impl Daemon {
             .env("PACKENVD_PACKS_DIR", &s.packs_dir)
             .env("PACKENVD_CACHE_DIR", &s.cache_dir)
             .env("PACKENVD_INSTANCE_NAME", name)
-            .env("PACKENVD_LOG", "info")
             .stdout(out.try_clone().expect("dup"))
             .stderr(out);
         for (k, v) in vars {
