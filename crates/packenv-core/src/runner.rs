@@ -106,6 +106,7 @@ pub async fn run(
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
+    die_with_parent(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => return Outcome::SpawnFailed(e),
@@ -148,6 +149,20 @@ pub async fn run(
         }
     }
     outcome
+}
+
+/// Asks the kernel to kill the step's process if the daemon dies (`kill -9`, OOM), when no
+/// cleanup of ours can run. It covers the process we start; the grandchildren it starts in
+/// its process group are killed by the group kill of a daemon that is still alive.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the child between fork and exec; it only calls prctl(2),
+    // which is async-signal-safe, and allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
 }
 
 async fn pump(mut reader: impl AsyncRead + Unpin, log: Arc<Mutex<CappedLog>>) {
