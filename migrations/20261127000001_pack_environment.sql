@@ -54,7 +54,14 @@ ALTER TABLE pack_environment
     ADD COLUMN IF NOT EXISTS lease_expires_at TIMESTAMPTZ,
     ADD COLUMN IF NOT EXISTS fingerprint      TEXT,
     ADD COLUMN IF NOT EXISTS created          TIMESTAMPTZ NOT NULL DEFAULT now(),
-    ADD COLUMN IF NOT EXISTS updated          TIMESTAMPTZ NOT NULL DEFAULT now();
+    ADD COLUMN IF NOT EXISTS updated          TIMESTAMPTZ NOT NULL DEFAULT now(),
+    -- True only while request_pack_environment() writes the row: such a request may be
+    -- answered by the current build when its fingerprint still matches. Every other way to
+    -- pending or outdated (an operator's UPDATE, `packenvd rebuild`, a failed verification)
+    -- rebuilds from scratch, because that is how operators repair an environment.
+    ADD COLUMN IF NOT EXISTS skip_if_current  BOOLEAN NOT NULL DEFAULT false,
+    -- The last verification: "ok", or what failed ("executable 'python' ... is missing").
+    ADD COLUMN IF NOT EXISTS last_verify_result TEXT;
 
 -- The claim reads exactly this index: its WHERE matches the claim's, and its order is the
 -- claim's ORDER BY, so a claim never walks finished rows (DESIGN §3).
@@ -64,6 +71,9 @@ CREATE INDEX IF NOT EXISTS pack_environment_claimable_idx
 CREATE INDEX IF NOT EXISTS pack_environment_installing_idx
     ON pack_environment (lease_expires_at) WHERE status = 'installing';
 CREATE INDEX IF NOT EXISTS pack_environment_runtime_idx ON pack_environment (runtime);
+-- The verifier's scan: ready rows by age of their last check.
+CREATE INDEX IF NOT EXISTS pack_environment_verify_idx
+    ON pack_environment (last_verified NULLS FIRST, id) WHERE status = 'ready';
 
 -- Fills in what a plain INSERT may leave out, keeps `updated` current, and treats an outside
 -- reset to pending/outdated (an operator or a pack update) as a fresh request: attempts start
@@ -80,14 +90,18 @@ BEGIN
         IF NEW.runtime_ref IS NULL THEN
             SELECT ref INTO NEW.runtime_ref FROM runtime WHERE id = NEW.runtime;
         END IF;
+        NEW.skip_if_current := false;
     ELSIF NEW.status IN ('pending', 'outdated')
           AND OLD.status IS DISTINCT FROM NEW.status
           AND NEW.claim_token IS NOT DISTINCT FROM OLD.claim_token THEN
+        -- An outside reset: attempts start over and the claim is dropped, which fences out a
+        -- build still running for the old claim.
         NEW.attempts := 0;
         NEW.run_after := now();
         NEW.claimed_by := NULL;
         NEW.claim_token := NULL;
         NEW.lease_expires_at := NULL;
+        NEW.skip_if_current := coalesce(current_setting('packenvd.request', true), '') = 'on';
     END IF;
     NEW.updated := now();
     RETURN NEW;
@@ -130,11 +144,15 @@ BEGIN
     IF v_runtime IS NULL THEN
         RAISE EXCEPTION 'no runtime with ref %', p_runtime_ref USING ERRCODE = 'no_data_found';
     END IF;
+    -- Marks this write as a request for the trigger; cleared again right after, so a later
+    -- statement of the same transaction is not mistaken for one.
+    PERFORM set_config('packenvd.request', 'on', true);
     INSERT INTO pack_environment (pack, pack_ref, runtime, runtime_ref, status)
     VALUES (v_pack, p_pack_ref, v_runtime, p_runtime_ref, 'pending')
     ON CONFLICT (pack, runtime) DO UPDATE SET status = 'pending'
         WHERE pack_environment.status <> 'pending'
     RETURNING * INTO v_row;
+    PERFORM set_config('packenvd.request', '', true);
     IF v_row.id IS NULL THEN
         SELECT * INTO v_row FROM pack_environment WHERE pack = v_pack AND runtime = v_runtime;
     END IF;
@@ -187,10 +205,13 @@ SELECT pe.id,
        (pe.status = 'ready'
         AND (pe.last_verified IS NULL OR pe.last_verified < now() - interval '7 days'))
            AS needs_verification,
-       pe.updated
+       pe.updated,
+       pe.last_verify_result
 FROM pack_environment pe;
 
--- Seed runtimes. ON CONFLICT keeps a platform's own definitions of these refs.
+-- Seed runtimes. ON CONFLICT keeps a platform's own definitions of these refs. core.python-uv
+-- is core.python with uv (much faster) for hosts that have uv; Python downloads are off, so its
+-- environments use the host's interpreter like core.python's.
 INSERT INTO runtime (ref, name, installers) VALUES
 ('core.python', 'Python', $json${
   "installers": [
@@ -219,6 +240,21 @@ INSERT INTO runtime (ref, name, installers) VALUES
   ],
   "executable_templates": {"node": "node"},
   "env_vars": {"NODE_PATH": "{env_path}/node_modules"},
+  "requires_environment": true
+}$json$),
+('core.python-uv', 'Python-uv', $json${
+  "installers": [
+    {"name": "create venv", "order": 1,
+     "command": "uv", "args": ["venv", "--quiet", "--python", "python3", "{env_path}"],
+     "env": {"UV_PYTHON_DOWNLOADS": "never"}},
+    {"name": "install requirements", "order": 2,
+     "condition": {"file_exists": "{pack_path}/requirements.txt"},
+     "command": "uv",
+     "args": ["pip", "install", "--python", "{env_path}/bin/python", "-r", "{pack_path}/requirements.txt"],
+     "env": {"UV_PYTHON_DOWNLOADS": "never"}}
+  ],
+  "executable_templates": {"python": "{env_path}/bin/python"},
+  "env_vars": {"VIRTUAL_ENV": "{env_path}"},
   "requires_environment": true
 }$json$),
 ('core.shell', 'Shell', '{"installers": [], "requires_environment": false}'),

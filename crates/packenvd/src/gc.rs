@@ -113,9 +113,8 @@ fn collect(root: &Path, grace: Duration, rows: &[store::LiveEnv], dry_run: bool)
         .map(|r| r.pack_ref.as_str())
         .collect();
 
-    let mut report = Report::default();
     let Ok(packs) = std::fs::read_dir(root) else {
-        return report;
+        return Report::default();
     };
     let mut candidates: Vec<(PathBuf, String)> = Vec::new();
     let mut touched_pack_dirs = BTreeSet::new();
@@ -180,38 +179,7 @@ fn collect(root: &Path, grace: Duration, rows: &[store::LiveEnv], dry_run: bool)
         }
     }
 
-    let dirs: Vec<PathBuf> = candidates
-        .iter()
-        .filter(|(p, _)| p.is_dir())
-        .map(|(p, _)| p.clone())
-        .collect();
-    let in_use = dirs_in_use(&dirs);
-    for (path, reason) in candidates {
-        if let Some(users) = in_use.get(&path) {
-            report.kept_in_use.push(Removal {
-                path,
-                reason: format!("still in use: {}", users.join(", ")),
-            });
-            continue;
-        }
-        let removal = Removal { path, reason };
-        if dry_run {
-            report.removed.push(removal);
-            continue;
-        }
-        let result = if removal.path.is_symlink() || !removal.path.is_dir() {
-            std::fs::remove_file(&removal.path)
-        } else {
-            std::fs::remove_dir_all(&removal.path)
-        };
-        match result {
-            Ok(()) => report.removed.push(removal),
-            Err(e) => report.errors.push(Removal {
-                reason: format!("cannot remove: {e}"),
-                path: removal.path,
-            }),
-        }
-    }
+    let report = remove_unused(candidates, dry_run);
     if !dry_run {
         for dir in touched_pack_dirs {
             // Fails while anything is left in it, which is what we want.
@@ -263,41 +231,48 @@ pub async fn remove(
             }
         }
     }
-    let report = tokio::task::spawn_blocking(move || {
-        let mut report = Report::default();
-        let dirs: Vec<PathBuf> = candidates
-            .iter()
-            .filter(|(p, _)| p.is_dir() && !p.is_symlink())
-            .map(|(p, _)| p.clone())
-            .collect();
-        let in_use = dirs_in_use(&dirs);
-        for (path, reason) in candidates {
-            if let Some(users) = in_use.get(&path) {
-                report.kept_in_use.push(Removal {
-                    path,
-                    reason: format!("still in use, left for the collector: {}", users.join(", ")),
-                });
-                continue;
-            }
-            let result = if path.is_symlink() {
-                std::fs::remove_file(&path)
-            } else {
-                std::fs::remove_dir_all(&path)
-            };
-            match result {
-                Ok(()) => report.removed.push(Removal { path, reason }),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => report.errors.push(Removal {
-                    path,
-                    reason: format!("cannot remove: {e}"),
-                }),
-            }
-        }
-        report
-    })
-    .await
-    .unwrap_or_default();
+    let report = tokio::task::spawn_blocking(move || remove_unused(candidates, false))
+        .await
+        .unwrap_or_default();
     Ok((names, report))
+}
+
+/// Removes each candidate no running process uses (or, with `dry_run`, only reports it).
+fn remove_unused(candidates: Vec<(PathBuf, String)>, dry_run: bool) -> Report {
+    let mut report = Report::default();
+    let dirs: Vec<PathBuf> = candidates
+        .iter()
+        .filter(|(p, _)| p.is_dir() && !p.is_symlink())
+        .map(|(p, _)| p.clone())
+        .collect();
+    let in_use = dirs_in_use(&dirs);
+    for (path, reason) in candidates {
+        if let Some(users) = in_use.get(&path) {
+            report.kept_in_use.push(Removal {
+                path,
+                reason: format!("still in use: {}", users.join(", ")),
+            });
+            continue;
+        }
+        if dry_run {
+            report.removed.push(Removal { path, reason });
+            continue;
+        }
+        let result = if path.is_symlink() || !path.is_dir() {
+            std::fs::remove_file(&path)
+        } else {
+            std::fs::remove_dir_all(&path)
+        };
+        match result {
+            Ok(()) => report.removed.push(Removal { path, reason }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => report.errors.push(Removal {
+                path,
+                reason: format!("cannot remove: {e}"),
+            }),
+        }
+    }
+    report
 }
 
 #[cfg(test)]

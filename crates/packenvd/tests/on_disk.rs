@@ -61,9 +61,9 @@ fn late_importer(python: &str, go: &Path) -> std::process::Child {
         .unwrap()
 }
 
-#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
-async fn a_rebuild_switches_atomically_under_running_actions(pool: PgPool) {
-    let env = Env::new(&[]);
+/// A ready core.python environment for pack `p` with the fixture at 0.1.0; wheels of 0.1.0 and
+/// 0.2.0 wait in the returned wheelhouse for a rebuild.
+async fn ready_python_pack(pool: &PgPool, env: &Env) -> (PathBuf, PathBuf, i64, Row) {
     let wheels = env.dir.path().join("wheels");
     make_wheel(&wheels, "0.1.0");
     make_wheel(&wheels, "0.2.0");
@@ -71,11 +71,18 @@ async fn a_rebuild_switches_atomically_under_running_actions(pool: PgPool) {
         "p",
         &[("requirements.txt", &offline_requirements(&wheels, "0.1.0"))],
     );
-    add_pack(&pool, "p").await;
-    let id = request(&pool, "p", "core.python").await;
-    env.worker(&pool).drain().await.unwrap();
-    let first = row(&pool, id).await;
-    assert_eq!(first.status, "ready");
+    add_pack(pool, "p").await;
+    let id = request(pool, "p", "core.python").await;
+    env.worker(pool).drain().await.unwrap();
+    let r = row(pool, id).await;
+    assert_eq!(r.status, "ready", "{:?}", r.install_error);
+    (pack, wheels, id, r)
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_rebuild_switches_atomically_under_running_actions(pool: PgPool) {
+    let env = Env::new(&[]);
+    let (pack, wheels, id, first) = ready_python_pack(&pool, &env).await;
     let old_python = python_of(&first);
     let go = env.dir.path().join("go");
     let old_process = late_importer(&old_python, &go);
@@ -142,17 +149,7 @@ async fn a_rebuild_switches_atomically_under_running_actions(pool: PgPool) {
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_failed_rebuild_leaves_the_previous_build_served_and_working(pool: PgPool) {
     let env = Env::new(&[]);
-    let wheels = env.dir.path().join("wheels");
-    make_wheel(&wheels, "0.1.0");
-    let pack = env.pack_dir(
-        "p",
-        &[("requirements.txt", &offline_requirements(&wheels, "0.1.0"))],
-    );
-    add_pack(&pool, "p").await;
-    let id = request(&pool, "p", "core.python").await;
-    env.worker(&pool).drain().await.unwrap();
-    let good = row(&pool, id).await;
-    assert_eq!(good.status, "ready");
+    let (pack, wheels, id, good) = ready_python_pack(&pool, &env).await;
 
     std::fs::write(
         pack.join("requirements.txt"),
@@ -339,17 +336,7 @@ async fn a_deleted_pack_loses_its_environments_after_the_grace_and_dry_run_only_
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_request_with_unchanged_inputs_finishes_without_running_a_step(pool: PgPool) {
     let env = Env::new(&[]);
-    let wheels = env.dir.path().join("wheels");
-    make_wheel(&wheels, "0.1.0");
-    let pack = env.pack_dir(
-        "p",
-        &[("requirements.txt", &offline_requirements(&wheels, "0.1.0"))],
-    );
-    add_pack(&pool, "p").await;
-    let id = request(&pool, "p", "core.python").await;
-    env.worker(&pool).drain().await.unwrap();
-    let built = row(&pool, id).await;
-    assert_eq!(built.status, "ready");
+    let (pack, wheels, id, built) = ready_python_pack(&pool, &env).await;
 
     let worker = env.worker(&pool);
     let shutdown = Shutdown::default();

@@ -127,17 +127,7 @@ pub fn shell_runtime(script: &str) -> serde_json::Value {
 /// Builds the fixture wheel into `dir` and returns a requirements.txt that installs it with no
 /// index (so no network).
 pub fn wheel_requirements(dir: &Path) -> String {
-    let out = std::process::Command::new("python3")
-        .arg(fixtures().join("make_wheel.py"))
-        .arg(dir)
-        .args(["packenvd-fixture", "0.1.0"])
-        .output()
-        .expect("python3");
-    assert!(
-        out.status.success(),
-        "make_wheel.py: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    make_wheel(dir, "0.1.0");
     format!(
         "--no-index\n--find-links {}\npackenvd-fixture==0.1.0\n",
         dir.display()
