@@ -49,12 +49,15 @@ pub struct Claimed {
     pub pickup_secs: f64,
 }
 
-/// Claims up to `limit` claimable rows in one statement and commits before returning.
+/// Claims up to `limit` claimable rows in one statement and commits before returning. A row
+/// without `env_path` gets `<envs_root>/<pack_ref>/<runtime name, lower-cased>` (DESIGN §1: the
+/// SQL side cannot know the daemon's envs root); the build still checks it before any write.
 pub async fn claim(
     pool: &PgPool,
     instance: &str,
     lease: Duration,
     limit: i64,
+    envs_root: &std::path::Path,
 ) -> Result<Vec<Claimed>, sqlx::Error> {
     sqlx::query_as(
         "WITH c AS MATERIALIZED (
@@ -65,7 +68,11 @@ pub async fn claim(
              FOR UPDATE SKIP LOCKED)
          UPDATE pack_environment pe
          SET status = 'installing', claimed_by = $1, claim_token = gen_random_uuid(),
-             lease_expires_at = now() + make_interval(secs => $2), attempts = pe.attempts + 1
+             lease_expires_at = now() + make_interval(secs => $2), attempts = pe.attempts + 1,
+             env_path = CASE
+                 WHEN pe.env_path IS NOT NULL
+                      OR r.installers->'requires_environment' = 'false'::jsonb THEN pe.env_path
+                 ELSE $4 || '/' || pe.pack_ref || '/' || lower(r.name) END
          FROM c, pack p, runtime r
          WHERE pe.id = c.id AND p.id = pe.pack AND r.id = pe.runtime
          RETURNING pe.id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, pe.env_path,
@@ -76,6 +83,7 @@ pub async fn claim(
     .bind(instance)
     .bind(lease.as_secs_f64())
     .bind(limit)
+    .bind(envs_root.display().to_string())
     .fetch_all(pool)
     .await
 }

@@ -213,7 +213,14 @@ impl Worker {
             return Ok(Vec::new());
         }
         let cfg = self.cfg();
-        let rows = store::claim(&self.pool, &cfg.instance_name, cfg.lease, free as i64).await?;
+        let rows = store::claim(
+            &self.pool,
+            &cfg.instance_name,
+            cfg.lease,
+            free as i64,
+            &cfg.envs_root,
+        )
+        .await?;
         for row in &rows {
             self.metrics
                 .pickup_latency

@@ -412,9 +412,15 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;
     add_pack(&pool, "p").await;
     let id = request(&pool, "p", "t.noop").await;
-    let claimed = packenvd::store::claim(&pool, "a", Duration::from_secs(60), 1)
-        .await
-        .unwrap();
+    let claimed = packenvd::store::claim(
+        &pool,
+        "a",
+        Duration::from_secs(60),
+        1,
+        std::path::Path::new("/envs"),
+    )
+    .await
+    .unwrap();
     let token = claimed[0].claim_token;
     // The lease runs out (as if the holder paused), another instance rescues and reclaims.
     sqlx::query("UPDATE pack_environment SET lease_expires_at = now() - interval '1 second'")
@@ -422,9 +428,15 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
         .await
         .unwrap();
     assert_eq!(packenvd::store::rescue_expired(&pool, 3).await.unwrap(), 1);
-    let again = packenvd::store::claim(&pool, "b", Duration::from_secs(60), 1)
-        .await
-        .unwrap();
+    let again = packenvd::store::claim(
+        &pool,
+        "b",
+        Duration::from_secs(60),
+        1,
+        std::path::Path::new("/envs"),
+    )
+    .await
+    .unwrap();
     assert_eq!(again.len(), 1);
     // The first holder's result and heartbeat now match nothing.
     assert!(

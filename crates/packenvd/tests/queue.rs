@@ -21,7 +21,9 @@ async fn two_concurrent_claimers_get_disjoint_rows(pool: PgPool) {
         async {
             let mut got = Vec::new();
             loop {
-                let rows = store::claim(&pool, "a", lease, 7).await.unwrap();
+                let rows = store::claim(&pool, "a", lease, 7, std::path::Path::new("/envs"))
+                    .await
+                    .unwrap();
                 if rows.is_empty() {
                     break got;
                 }
@@ -31,7 +33,9 @@ async fn two_concurrent_claimers_get_disjoint_rows(pool: PgPool) {
         async {
             let mut got = Vec::new();
             loop {
-                let rows = store::claim(&pool, "b", lease, 5).await.unwrap();
+                let rows = store::claim(&pool, "b", lease, 5, std::path::Path::new("/envs"))
+                    .await
+                    .unwrap();
                 if rows.is_empty() {
                     break got;
                 }
@@ -54,15 +58,25 @@ async fn two_concurrent_claimers_get_disjoint_rows(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
-async fn a_claim_takes_no_more_rows_than_asked_and_sets_the_lease(pool: PgPool) {
+async fn a_claim_takes_no_more_rows_than_asked_sets_the_lease_and_places_the_environment(
+    pool: PgPool,
+) {
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;
     for i in 0..5 {
         add_pack(&pool, &format!("p{i}")).await;
         request(&pool, &format!("p{i}"), "t.noop").await;
     }
-    let rows = store::claim(&pool, "me", Duration::from_secs(60), 2)
-        .await
-        .unwrap();
+    add_pack(&pool, "sh").await;
+    request(&pool, "sh", "core.shell").await;
+    let rows = store::claim(
+        &pool,
+        "me",
+        Duration::from_secs(60),
+        2,
+        std::path::Path::new("/envs"),
+    )
+    .await
+    .unwrap();
     assert_eq!(rows.len(), 2);
     let (installing, leased): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE status = 'installing'),
@@ -73,6 +87,33 @@ async fn a_claim_takes_no_more_rows_than_asked_and_sets_the_lease(pool: PgPool) 
     .await
     .unwrap();
     assert_eq!((installing, leased), (2, 2));
+    // env_path is assigned at claim from the daemon's envs root...
+    let paths: Vec<Option<String>> = rows.iter().map(|r| r.env_path.clone()).collect();
+    assert_eq!(
+        paths,
+        [
+            Some("/envs/p0/t.noop".to_string()),
+            Some("/envs/p1/t.noop".to_string())
+        ]
+    );
+    // ...but not for a runtime that needs no environment.
+    sqlx::query(
+        "UPDATE pack_environment SET run_after = now() + interval '1 hour' WHERE pack_ref <> 'sh'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let shell = store::claim(
+        &pool,
+        "me",
+        Duration::from_secs(60),
+        5,
+        std::path::Path::new("/envs"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(shell.len(), 1);
+    assert_eq!(shell[0].env_path, None);
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -89,9 +130,15 @@ async fn outdated_rows_are_claimed_like_pending_ones(pool: PgPool) {
         .execute(&pool)
         .await
         .unwrap();
-    let claimed = store::claim(&pool, "me", Duration::from_secs(60), 10)
-        .await
-        .unwrap();
+    let claimed = store::claim(
+        &pool,
+        "me",
+        Duration::from_secs(60),
+        10,
+        std::path::Path::new("/envs"),
+    )
+    .await
+    .unwrap();
     assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
 }
 
