@@ -152,6 +152,15 @@ const KEYS: &[&str] = &[
     "log_max_bytes",
     "env_passthrough",
     "instance_name",
+    "gc_grace",
+    "gc_interval",
+    "verify_schedule",
+    "verify_max_age",
+    "verify_timeout",
+    "verify_pip_check",
+    "verify_batch",
+    "metrics_listen",
+    "log_level",
 ];
 
 fn env_name(key: &str) -> String {
@@ -471,6 +480,23 @@ impl Settings {
                 "gc_interval",
                 humantime::format_duration(self.gc_interval).to_string(),
             ),
+            ("verify_schedule", self.verify_schedule.clone()),
+            (
+                "verify_max_age",
+                humantime::format_duration(self.verify_max_age).to_string(),
+            ),
+            (
+                "verify_timeout",
+                humantime::format_duration(self.verify_timeout).to_string(),
+            ),
+            ("verify_pip_check", self.verify_pip_check.to_string()),
+            ("verify_batch", self.verify_batch.to_string()),
+            (
+                "metrics_listen",
+                self.metrics_listen
+                    .map_or_else(|| "(off)".into(), |a| a.to_string()),
+            ),
+            ("log_level", self.log_level.clone()),
         ];
         rows.into_iter()
             .map(|(k, v)| {
@@ -750,5 +776,28 @@ mod tests {
             .collect();
         assert_eq!(applied, ["concurrency"]);
         assert_eq!(ignored, ["envs_root", "database_url"]);
+    }
+
+    #[test]
+    fn every_setting_is_a_known_file_key_and_the_example_config_loads() {
+        let (s, src) =
+            Settings::load(layers(&[("DATABASE_URL", "postgres://x")], &[]), true).unwrap();
+        let described: Vec<String> = s
+            .describe(&src)
+            .lines()
+            .map(|l| l.split(" = ").next().unwrap().to_owned())
+            .collect();
+        assert_eq!(
+            described, KEYS,
+            "describe() and KEYS list the same settings in the same order"
+        );
+        let example =
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/packenvd.toml");
+        let mut l = layers(&[("DATABASE_URL", "postgres://x")], &[]);
+        l.file = Some(example.clone());
+        let (from_file, src) =
+            Settings::load(l, true).unwrap_or_else(|e| panic!("{}: {e}", example.display()));
+        assert_eq!(src["gc_grace"], Source::File(example));
+        assert_eq!(from_file.verify_max_age, Duration::from_secs(7 * 86400));
     }
 }

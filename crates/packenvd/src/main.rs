@@ -104,10 +104,31 @@ async fn run(
     until_done: bool,
 ) -> anyhow::Result<()> {
     // Several instances may start at once; sqlx serialises migrations with an advisory lock.
-    store::MIGRATOR
-        .run(&pool)
+    // Only when something is pending: MIGRATOR.run always begins with CREATE TABLE IF NOT
+    // EXISTS _sqlx_migrations, which needs CREATE on the schema even when the table exists,
+    // and the least-privilege role (deploy/db-role.sql) has no such right.
+    let pending = store::unapplied_migrations(&pool)
         .await
-        .context("applying migrations")?;
+        .context("reading _sqlx_migrations")?;
+    if !pending.is_empty() {
+        if let Err(e) = store::MIGRATOR.run(&pool).await {
+            let denied = match &e {
+                sqlx::migrate::MigrateError::Execute(db)
+                | sqlx::migrate::MigrateError::ExecuteMigration(db, _) => {
+                    db.as_database_error().and_then(|d| d.code()).as_deref() == Some("42501")
+                }
+                _ => false,
+            };
+            if denied {
+                anyhow::bail!(
+                    "the database lacks migration(s) {pending:?} and this database user may not apply them: \
+                     run `packenvd migrate` as the owner of the schema, re-apply deploy/db-role.sql, \
+                     then start packenvd again ({e})"
+                );
+            }
+            return Err(e).context("applying migrations");
+        }
+    }
     let worker = Worker::new(pool.clone(), Arc::new(settings.clone()));
     let shutdown = Shutdown::default();
     let metrics_server = settings.metrics_listen.map(|addr| {

@@ -491,3 +491,40 @@ pub async fn finish_verification(
     .await?;
     Ok(r.rows_affected() == 1)
 }
+/// The versions of this binary's migrations that the database has not applied. Read-only: it
+/// needs SELECT on `_sqlx_migrations` and nothing else, so a daemon whose role may not create
+/// tables can tell "nothing to do" from "the owner must migrate". A missing table means
+/// nothing was applied. Failed, changed or unknown migrations are left to `MIGRATOR.run`,
+/// which reports them, so they count as pending here.
+pub async fn unapplied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    let applied: Vec<(i64, Vec<u8>, bool)> =
+        match sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations")
+            .fetch_all(pool)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) if e.as_database_error().and_then(|d| d.code()).as_deref() == Some("42P01") => {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+    let known: Vec<&sqlx::migrate::Migration> = MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration())
+        .collect();
+    let foreign = applied
+        .iter()
+        .any(|(v, _, ok)| !ok || !known.iter().any(|m| m.version == *v));
+    let mut pending: Vec<i64> = known
+        .iter()
+        .filter(|m| {
+            foreign
+                || !applied
+                    .iter()
+                    .any(|(v, sum, ok)| *ok && *v == m.version && sum.as_slice() == &*m.checksum)
+        })
+        .map(|m| m.version)
+        .collect();
+    pending.dedup();
+    Ok(pending)
+}
