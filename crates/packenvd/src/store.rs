@@ -24,6 +24,10 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
+        // The default pings every connection taken from the pool: a round trip per statement.
+        // A connection that died with the server fails its statement instead, and every
+        // caller retries (claims, heartbeats and write-backs back off and try again).
+        .test_before_acquire(false)
         .connect_with(options.application_name("packenvd"))
         .await
 }

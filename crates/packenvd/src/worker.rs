@@ -102,6 +102,7 @@ impl Worker {
             if builds.join_next().await.is_none() {
                 return Ok(total);
             }
+            while builds.try_join_next().is_some() {}
         }
     }
 
@@ -166,7 +167,11 @@ impl Worker {
             }
             tokio::select! {
                 () = shutdown.stop.cancelled() => break,
-                Some(_) = builds.join_next(), if !builds.is_empty() => {}
+                Some(_) = builds.join_next(), if !builds.is_empty() => {
+                    // Reap every build that has finished, so the next claim fills all free
+                    // slots in one statement instead of one row per turn.
+                    while builds.try_join_next().is_some() {}
+                }
                 n = listener.recv() => if let Err(e) = n {
                     // The listener reconnects on its next recv; until then the poll covers.
                     tracing::warn!(error = %e, "lost the NOTIFY connection");
@@ -242,16 +247,17 @@ impl Worker {
         }
     }
 
-    /// Renews leases every third of the lease, cancels builds whose claim was lost, and
-    /// rescues rows whose holder stopped renewing.
+    /// Renews leases every third of the lease, cancels builds whose claim was lost, and once a
+    /// lease rescues rows whose holder stopped renewing. An idle daemon holds nothing, so it
+    /// sends only the rescue: one statement per lease besides the poll.
     async fn heartbeat_loop(self, stop: CancellationToken) {
         // The lease is not reloadable, so neither is this period.
         let mut tick = tokio::time::interval(self.cfg().lease / 3);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
+        for turn in 0u64.. {
             tick.tick().await;
             self.heartbeat_once().await;
-            if !stop.is_cancelled() {
+            if turn % 3 == 0 && !stop.is_cancelled() {
                 match store::rescue_expired(&self.pool, self.cfg().max_attempts).await {
                     Ok(0) => {}
                     Ok(n) => {
