@@ -156,6 +156,48 @@ pub async fn finish_ready(
     Ok(r.rows_affected() == 1)
 }
 
+/// One finished build for [`finish_ready_batch`].
+#[derive(Debug, Clone)]
+pub struct ReadyRow {
+    pub id: i64,
+    pub token: Uuid,
+    pub env_path: Option<String>,
+    pub log: String,
+    pub metadata: serde_json::Value,
+    pub fingerprint: Option<String>,
+}
+
+/// Marks many builds `ready` in one statement, each fenced by its own claim token (the
+/// same write as [`finish_ready`]); returns the ids written. A row missing from the answer had
+/// lost its claim, and its result is discarded.
+pub async fn finish_ready_batch(pool: &PgPool, rows: &[ReadyRow]) -> Result<Vec<i64>, sqlx::Error> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let tokens: Vec<Uuid> = rows.iter().map(|r| r.token).collect();
+    let paths: Vec<Option<String>> = rows.iter().map(|r| r.env_path.clone()).collect();
+    let logs: Vec<String> = rows.iter().map(|r| r.log.clone()).collect();
+    let metadata: Vec<String> = rows.iter().map(|r| r.metadata.to_string()).collect();
+    let fingerprints: Vec<Option<String>> = rows.iter().map(|r| r.fingerprint.clone()).collect();
+    sqlx::query_scalar(
+        "UPDATE pack_environment pe
+         SET status = 'ready', env_path = u.env_path, install_log = u.log,
+             metadata = u.metadata::jsonb, fingerprint = u.fingerprint,
+             install_error = NULL, installed_at = now(), last_verified = now(), skip_if_current = false,
+             claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
+         FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+              AS u(id, token, env_path, log, metadata, fingerprint)
+         WHERE pe.id = u.id AND pe.claim_token = u.token
+         RETURNING pe.id",
+    )
+    .bind(ids)
+    .bind(tokens)
+    .bind(paths)
+    .bind(logs)
+    .bind(metadata)
+    .bind(fingerprints)
+    .fetch_all(pool)
+    .await
+}
+
 /// Answers a request whose inputs did not change: `ready` again with the current build,
 /// which was just checked. False when the claim was lost.
 pub async fn finish_unchanged(

@@ -10,7 +10,7 @@ use std::time::Duration;
 use packenv_core::log::CappedLog;
 use sqlx::postgres::PgListener;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -26,6 +26,16 @@ const LOG_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 /// Ceiling of the retry delay of claims and write-backs while the database is away: short,
 /// because results wait in memory and the rows stay `installing` until it returns.
 const MAX_DB_RETRY_DELAY: Duration = Duration::from_secs(5);
+
+/// Most `ready` results one write-back statement carries.
+const MAX_WRITE_BATCH: usize = 500;
+
+/// A finished build waiting for the batch writer, and where to say whether it was written.
+#[derive(Debug)]
+struct ReadyWrite {
+    row: store::ReadyRow,
+    written: oneshot::Sender<bool>,
+}
 
 /// Cancellation of the builds this instance runs, by claim token.
 type Inflight = Arc<Mutex<HashMap<Uuid, CancellationToken>>>;
@@ -51,20 +61,28 @@ pub struct Worker {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     notifier: Arc<Notifier>,
+    /// To the task that writes `ready` results in batches: one statement for every build that
+    /// finished while the previous statement ran (group commit).
+    ready_tx: mpsc::UnboundedSender<ReadyWrite>,
 }
 
 impl Worker {
     pub fn new(pool: PgPool, settings: Arc<Settings>) -> Self {
         let (tx, rx) = watch::channel(settings);
+        let metrics = Arc::<Metrics>::default();
+        let (ready_tx, ready_rx) = mpsc::unbounded_channel();
+        // Ends when the last clone of this worker is dropped and the channel closes.
+        tokio::spawn(ready_writer(pool.clone(), metrics.clone(), ready_rx));
         Worker {
             pool,
             settings: rx,
             settings_tx: Arc::new(tx),
             inflight: Arc::default(),
             kill_builds: CancellationToken::new(),
-            metrics: Arc::default(),
+            metrics,
             health: Arc::default(),
             notifier: Arc::default(),
+            ready_tx,
         }
     }
 
@@ -408,19 +426,27 @@ impl Worker {
                     env_path,
                     metadata,
                     fingerprint,
-                } => (
-                    "ready".to_string(),
-                    store::finish_ready(
-                        &self.pool,
-                        row.id,
-                        row.claim_token,
-                        env_path.as_deref(),
-                        log,
-                        metadata,
-                        fingerprint.as_deref(),
+                } => {
+                    let (written, answer) = oneshot::channel();
+                    let ready = store::ReadyRow {
+                        id: row.id,
+                        token: row.claim_token,
+                        env_path: env_path.clone(),
+                        log: log.to_owned(),
+                        metadata: metadata.clone(),
+                        fingerprint: fingerprint.clone(),
+                    };
+                    // The writer retries until the database takes the batch; it only goes
+                    // away with the worker.
+                    let _ = self.ready_tx.send(ReadyWrite {
+                        row: ready,
+                        written,
+                    });
+                    (
+                        "ready".to_string(),
+                        answer.await.map_err(|_| sqlx::Error::PoolClosed),
                     )
-                    .await,
-                ),
+                }
                 BuildResult::Unchanged => (
                     "ready (already up to date)".to_string(),
                     store::finish_unchanged(&self.pool, row.id, row.claim_token, log).await,
@@ -482,6 +508,40 @@ impl Worker {
                     delay = (delay * 2).min(MAX_DB_RETRY_DELAY);
                 }
             }
+        }
+    }
+}
+
+/// Writes `ready` results: takes every result waiting, writes them in one fenced statement,
+/// and tells each build whether its row was still its own. Retries while the database is away.
+async fn ready_writer(
+    pool: PgPool,
+    metrics: Arc<Metrics>,
+    mut rx: mpsc::UnboundedReceiver<ReadyWrite>,
+) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_WRITE_BATCH {
+            match rx.try_recv() {
+                Ok(w) => batch.push(w),
+                Err(_) => break,
+            }
+        }
+        let rows: Vec<store::ReadyRow> = batch.iter().map(|w| w.row.clone()).collect();
+        let mut delay = Duration::from_millis(250);
+        let written: std::collections::HashSet<i64> = loop {
+            match store::finish_ready_batch(&pool, &rows).await {
+                Ok(ids) => break ids.into_iter().collect(),
+                Err(e) => {
+                    metrics.db_errors.inc();
+                    tracing::warn!(error = %e, results = rows.len(), retry_in = ?delay, "cannot write results back; keeping them and retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(MAX_DB_RETRY_DELAY);
+                }
+            }
+        };
+        for w in batch {
+            let _ = w.written.send(written.contains(&w.row.id));
         }
     }
 }

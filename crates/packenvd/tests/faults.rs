@@ -260,7 +260,7 @@ async fn the_daemon_survives_a_database_outage_and_every_result_reaches_the_tabl
     .await;
     let back = stopped_at.elapsed();
     assert!(
-        d.output().contains("cannot write result back"),
+        d.output().contains("cannot write results back"),
         "{}",
         d.output()
     );
