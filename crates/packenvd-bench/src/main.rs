@@ -35,7 +35,7 @@ struct Args {
     /// Skip the peer (graphile_worker) rows.
     #[arg(long)]
     no_peer: bool,
-    /// Only these scenarios (comma-separated: throughput, latency, build, idle).
+    /// Only these scenarios (comma-separated: throughput, latency, build, caches, verify, idle).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The packenvd binary (default: next to this one, i.e. target/release/packenvd).
@@ -68,6 +68,10 @@ pub struct Plan {
     pub latency_samples: usize,
     pub build_samples: usize,
     pub build_warm_up: bool,
+    /// Cold/warm build pairs per runtime in the caches row (medians are shown).
+    pub cache_samples: usize,
+    /// Stale ready environments in the verification row.
+    pub verify_envs: usize,
     pub idle_window: Duration,
     pub peer: bool,
     /// How long a throughput run of the peer's defaults may take (it drains a bulk insert at
@@ -89,6 +93,8 @@ impl Plan {
             latency_samples: if quick { 50 } else { 500 },
             build_samples: args.build_samples.unwrap_or(if quick { 1 } else { 10 }),
             build_warm_up: !quick,
+            cache_samples: if quick { 1 } else { 3 },
+            verify_envs: if quick { 200 } else { 2000 },
             idle_window: Duration::from_secs(if quick { 10 } else { 60 }),
             peer: !quick && !args.no_peer,
             peer_default_cap: Duration::from_secs(20),
@@ -262,6 +268,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         m.build = report::keep(
             scenarios::build_overhead(&ctx, plan.build_samples, plan.build_warm_up).await,
         );
+    }
+
+    if wanted(&args, "caches") {
+        progress(&format!(
+            "caches: {} cold and warm build(s) per runtime",
+            plan.cache_samples
+        ));
+        m.caches = report::keep(scenarios::cache_rebuilds(&ctx, plan.cache_samples).await);
+    }
+
+    if wanted(&args, "verify") {
+        progress(&format!(
+            "verification: {} stale environments, 1 then 2 instances",
+            plan.verify_envs
+        ));
+        m.verification = report::keep(scenarios::verification(&ctx, plan.verify_envs).await);
     }
 
     if wanted(&args, "idle") {

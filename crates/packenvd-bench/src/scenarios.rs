@@ -634,6 +634,373 @@ pub async fn build_overhead(
 }
 
 // ---------------------------------------------------------------------------------------------
+// 4. Caches
+
+/// Request → ready times of one runtime: cold (fresh cache dir) and warm (an operator's reset of
+/// the same row, so a new build directory with the same cache dir).
+#[derive(Debug, Default)]
+pub struct CacheTimes {
+    pub cold: Vec<Duration>,
+    pub warm: Vec<Duration>,
+    /// Requests for wheel files (GET or HEAD) the index saw during warm builds (0 when the cache
+    /// did its job).
+    pub warm_downloads: usize,
+}
+
+/// The core.python and core.python-uv measurements; uv is `Err` (with the reason) when missing.
+#[derive(Debug)]
+pub struct Caches {
+    pub pip: CacheTimes,
+    pub uv: Result<CacheTimes, String>,
+}
+
+/// Runs `tests/fixtures/index_server.py` (argv[1]) with HEAD answered like GET without a body:
+/// uv sends HEAD before downloading a wheel and gives up on the fixture's 501.
+const HEAD_PRELUDE: &str = r#"
+import http.server, runpy, sys
+class Server(http.server.ThreadingHTTPServer):
+    def __init__(self, addr, handler):
+        get_reply = handler.reply
+        def reply(self, status, ctype, body):
+            if self.command != "HEAD":
+                return get_reply(self, status, ctype, body)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "max-age=3600, public")
+            self.end_headers()
+        handler.reply = reply
+        handler.do_HEAD = handler.do_GET
+        super().__init__(addr, handler)
+http.server.ThreadingHTTPServer = Server
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+runpy.run_path(path, run_name="__main__")
+"#;
+
+/// `tests/fixtures/index_server.py` on loopback: the process and its port.
+async fn start_index(wheels: &Path, log: &Path) -> anyhow::Result<(tokio::process::Child, u16)> {
+    use tokio::io::AsyncBufReadExt;
+    let mut child = tokio::process::Command::new("python3")
+        .args(["-c", HEAD_PRELUDE])
+        .arg(fixtures().join("index_server.py"))
+        .arg(wheels)
+        .arg(log)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("python3 tests/fixtures/index_server.py")?;
+    let out = child.stdout.take().context("index stdout")?;
+    let mut lines = tokio::io::BufReader::new(out).lines();
+    let line = tokio::time::timeout(Duration::from_secs(10), lines.next_line())
+        .await
+        .context("index_server.py printed no port")??
+        .context("index_server.py exited")?;
+    let port = line.trim().parse().context("index_server.py's port")?;
+    Ok((child, port))
+}
+
+fn make_wheels(dir: &Path, names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        let out = std::process::Command::new("python3")
+            .arg(fixtures().join("make_wheel.py"))
+            .arg(dir)
+            .args([name, "1.0"])
+            .output()
+            .context("python3 tests/fixtures/make_wheel.py")?;
+        ensure!(
+            out.status.success(),
+            "make_wheel.py: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+fn served_files(log: &Path) -> usize {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with("/files/"))
+        .count()
+}
+
+/// Requests `pack` with `runtime` (or resets its row when `reset`), waits for the daemon's
+/// `build finished` line and checks the row is ready; returns commit → finished.
+async fn timed_build(
+    db: &Db,
+    d: &mut Proc,
+    pack: &str,
+    runtime: &str,
+    reset: Option<i64>,
+) -> anyhow::Result<(i64, Duration)> {
+    let (id, committed): (i64, DateTime<Utc>) = match reset {
+        None => {
+            sqlx::query_as("SELECT r.id, clock_timestamp() FROM request_pack_environment($1, $2) r")
+                .bind(pack)
+                .bind(runtime)
+                .fetch_one(&db.pool)
+                .await?
+        }
+        Some(id) => {
+            sqlx::query_as(
+                "UPDATE pack_environment SET status = 'pending' WHERE id = $1
+                 RETURNING id, clock_timestamp()",
+            )
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await?
+        }
+    };
+    let mut seen = HashMap::new();
+    let (_, done) = match await_row(d, id, &mut seen, Duration::from_secs(120)).await {
+        Ok(t) => t,
+        Err(e) => {
+            let error: Option<String> =
+                sqlx::query_scalar("SELECT install_error FROM pack_environment WHERE id = $1")
+                    .bind(id)
+                    .fetch_one(&db.pool)
+                    .await?;
+            bail!(
+                "{pack} ({runtime}) not ready: {}; {e}",
+                error.unwrap_or_default()
+            );
+        }
+    };
+    let (status, error): (String, Option<String>) =
+        sqlx::query_as("SELECT status::text, install_error FROM pack_environment WHERE id = $1")
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await?;
+    ensure!(
+        status == "ready",
+        "the build of {pack} ({runtime}) ended {status}: {}",
+        error.unwrap_or_default()
+    );
+    Ok((id, elapsed(committed, done)))
+}
+
+/// Row 4: per sample and runtime, a daemon with a fresh cache dir builds a pack whose three
+/// requirements come from a loopback index (cold), then the row is reset and rebuilt (warm).
+pub async fn cache_rebuilds(ctx: &Ctx, samples: usize) -> anyhow::Result<Caches> {
+    let db = ctx.cluster.packenvd_db("cache", 2).await?;
+    let result = async {
+        let work = ctx.dir("index")?;
+        let wheels = work.join("wheels");
+        std::fs::create_dir_all(&wheels)?;
+        make_wheels(&wheels, &["bench-a", "bench-b", "bench-c"])?;
+        let log = work.join("served.log");
+        let (mut index, port) = start_index(&wheels, &log).await?;
+        let req = format!(
+            "--index-url http://127.0.0.1:{port}/simple/\n--trusted-host 127.0.0.1\nbench-a==1.0\nbench-b==1.0\nbench-c==1.0\n"
+        );
+        let uv = match std::process::Command::new("uv").arg("--version").output() {
+            Ok(o) if o.status.success() => Ok(()),
+            Ok(o) => Err(format!(
+                "`uv --version` failed: {}",
+                String::from_utf8_lossy(&o.stderr).trim()
+            )),
+            Err(e) => Err(format!("uv not found: {e}")),
+        };
+        let mut pip = CacheTimes::default();
+        let mut uvt = CacheTimes::default();
+        for i in 1..=samples {
+            for (runtime, times) in [("core.python", &mut pip), ("core.python-uv", &mut uvt)] {
+                if runtime == "core.python-uv" && uv.is_err() {
+                    continue;
+                }
+                let tag = if runtime == "core.python" { "pip" } else { "uv" };
+                let dirs = ctx.daemon_dirs(&format!("cache-{tag}{i}"))?;
+                let pack = format!("{tag}{i}");
+                std::fs::create_dir_all(dirs.packs_dir.join(&pack))?;
+                std::fs::write(dirs.packs_dir.join(&pack).join("requirements.txt"), &req)?;
+                sqlx::query("INSERT INTO pack (ref, label) VALUES ($1, '')")
+                    .bind(&pack)
+                    .execute(&db.pool)
+                    .await?;
+                let mut d = procs::spawn_packenvd(&dirs, &db.url, "bench-cache", None, true)?;
+                d.wait_ready().await?;
+                let (id, cold) = timed_build(&db, &mut d, &pack, runtime, None).await?;
+                let before = served_files(&log);
+                let (_, warm) = timed_build(&db, &mut d, &pack, runtime, Some(id)).await?;
+                times.warm_downloads += served_files(&log) - before;
+                d.stop(Duration::from_secs(15)).await;
+                eprintln!(
+                    "packenvd-bench: {runtime} {i}: cold {:.3} s, warm {:.3} s",
+                    cold.as_secs_f64(),
+                    warm.as_secs_f64()
+                );
+                times.cold.push(cold);
+                times.warm.push(warm);
+            }
+        }
+        let _ = index.kill().await;
+        Ok(Caches {
+            pip,
+            uv: uv.map(|()| uvt),
+        })
+    }
+    .await;
+    ctx.cluster.drop_db(db).await;
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. Verification
+
+#[derive(Debug, Clone, Copy)]
+pub struct VerifyRun {
+    pub environments: usize,
+    pub took: Duration,
+}
+
+#[derive(Debug)]
+pub struct Verification {
+    pub runtime: &'static str,
+    pub one: VerifyRun,
+    pub two: VerifyRun,
+}
+
+/// The daemon's settings with every default but its directories and name.
+fn daemon_settings(
+    dirs: &DaemonDirs,
+    url: &str,
+    name: &str,
+) -> anyhow::Result<packenvd::config::Settings> {
+    use std::collections::BTreeMap;
+    let p = |d: &Path| d.display().to_string();
+    let flags = BTreeMap::from([
+        ("envs_root", p(&dirs.envs_root)),
+        ("packs_dir", p(&dirs.packs_dir)),
+        ("cache_dir", p(&dirs.cache_dir)),
+        ("instance_name", name.to_owned()),
+    ]);
+    let env = BTreeMap::from([("DATABASE_URL".to_string(), url.to_owned())]);
+    let (settings, _) = packenvd::config::Settings::load(
+        packenvd::config::Layers {
+            file: Some(dirs.config.clone()),
+            flags,
+            env,
+        },
+        true,
+    )
+    .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
+    Ok(settings)
+}
+
+/// Row 5: one real core.python-uv build, `n - 1` more ready rows linked to it, all stale; then
+/// `verify::run_pass(Scope::Stale)` (the library, the daemon's default settings) by one
+/// instance, and again (all stale again) by two at once.
+pub async fn verification(ctx: &Ctx, n: usize) -> anyhow::Result<Verification> {
+    let runtime = "core.python-uv";
+    let db = ctx.cluster.packenvd_db("verify", 4).await?;
+    let result = async {
+        let dirs = ctx.daemon_dirs("verify")?;
+        let work = ctx.dir("verify-wheels")?;
+        let req = wheelhouse(&work)?;
+        std::fs::create_dir_all(dirs.packs_dir.join("v1"))?;
+        std::fs::write(dirs.packs_dir.join("v1/requirements.txt"), &req)?;
+        insert_packs(&db.pool, "v", 1).await?;
+        let mut d = procs::spawn_packenvd(&dirs, &db.url, "bench-verify", None, true)?;
+        d.wait_ready().await?;
+        let built = timed_build(&db, &mut d, "v1", runtime, None).await;
+        d.stop(Duration::from_secs(15)).await;
+        let (id, _) = built?;
+        let (env_path, metadata, fingerprint): (String, serde_json::Value, Option<String>) =
+            sqlx::query_as(
+                "SELECT env_path, metadata, fingerprint FROM pack_environment WHERE id = $1",
+            )
+            .bind(id)
+            .fetch_one(&db.pool)
+            .await?;
+        let build_dir = metadata["build_dir"]
+            .as_str()
+            .context("metadata has no build_dir")?
+            .to_owned();
+        let rt_dir = Path::new(&env_path)
+            .file_name()
+            .context("env_path")?
+            .to_string_lossy()
+            .into_owned();
+        let shared = dirs.packs_dir.join("v1").display().to_string();
+        sqlx::query(
+            "INSERT INTO pack (ref, label, storage_path)
+             SELECT 'v' || i, 'v', $1 FROM generate_series(2, $2::bigint) i",
+        )
+        .bind(&shared)
+        .bind(n as i64)
+        .execute(&db.pool)
+        .await?;
+        sqlx::query(
+            "INSERT INTO pack_environment (pack, runtime, status, env_path, metadata, fingerprint, installed_at, last_verified)
+             SELECT p.id, r.id, 'ready', $1 || '/' || p.ref || '/' || $2, $3, $4, now(), now()
+             FROM pack p, runtime r WHERE r.ref = $5 AND p.ref <> 'v1'",
+        )
+        .bind(dirs.envs_root.display().to_string())
+        .bind(&rt_dir)
+        .bind(&metadata)
+        .bind(&fingerprint)
+        .bind(runtime)
+        .execute(&db.pool)
+        .await?;
+        for i in 2..=n {
+            let dir = dirs.envs_root.join(format!("v{i}"));
+            std::fs::create_dir_all(&dir)?;
+            std::os::unix::fs::symlink(&build_dir, dir.join(&rt_dir))?;
+        }
+        let a = daemon_settings(&dirs, &db.url, "bench-verify-a")?;
+        let b = daemon_settings(&dirs, &db.url, "bench-verify-b")?;
+        // The daemon's pool, as `packenvd verify` makes it (concurrency + 4 connections).
+        let size = u32::try_from(a.concurrency).unwrap_or(u32::MAX).saturating_add(4);
+        let pool = packenvd::store::connect(&db.url, size).await?;
+        let stale = || async {
+            sqlx::query(
+                "UPDATE pack_environment SET last_verified = now() - interval '30 days' WHERE status = 'ready'",
+            )
+            .execute(&db.pool)
+            .await
+        };
+        let check = |findings: Vec<packenvd::verify::Finding>| -> anyhow::Result<usize> {
+            if let Some(f) = findings.iter().find(|f| f.failure.is_some()) {
+                bail!("{} failed verification: {:?}", f.pack_ref, f.failure);
+            }
+            Ok(findings.len())
+        };
+        stale().await?;
+        let started = Instant::now();
+        let found = packenvd::verify::run_pass(&pool, &a, &packenvd::verify::Scope::Stale).await?;
+        let one = VerifyRun {
+            took: started.elapsed(),
+            environments: check(found)?,
+        };
+        stale().await?;
+        let started = Instant::now();
+        let (fa, fb) = tokio::join!(
+            packenvd::verify::run_pass(&pool, &a, &packenvd::verify::Scope::Stale),
+            packenvd::verify::run_pass(&pool, &b, &packenvd::verify::Scope::Stale),
+        );
+        let took = started.elapsed();
+        let two = VerifyRun {
+            took,
+            environments: check(fa?)? + check(fb?)?,
+        };
+        pool.close().await;
+        ensure!(
+            one.environments == n && two.environments == n,
+            "verified {} and {} environments, expected {n} each",
+            one.environments,
+            two.environments
+        );
+        Ok(Verification { runtime, one, two })
+    }
+    .await;
+    ctx.cluster.drop_db(db).await;
+    result
+}
+
+// ---------------------------------------------------------------------------------------------
 // 6. Idle cost
 
 #[derive(Debug, Clone, Copy)]
