@@ -654,35 +654,10 @@ pub struct Caches {
     pub uv: Result<CacheTimes, String>,
 }
 
-/// Runs `tests/fixtures/index_server.py` (argv[1]) with HEAD answered like GET without a body:
-/// uv sends HEAD before downloading a wheel and gives up on the fixture's 501.
-const HEAD_PRELUDE: &str = r#"
-import http.server, runpy, sys
-class Server(http.server.ThreadingHTTPServer):
-    def __init__(self, addr, handler):
-        get_reply = handler.reply
-        def reply(self, status, ctype, body):
-            if self.command != "HEAD":
-                return get_reply(self, status, ctype, body)
-            self.send_response(status)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.send_header("Cache-Control", "max-age=3600, public")
-            self.end_headers()
-        handler.reply = reply
-        handler.do_HEAD = handler.do_GET
-        super().__init__(addr, handler)
-http.server.ThreadingHTTPServer = Server
-path = sys.argv[1]
-sys.argv = sys.argv[1:]
-runpy.run_path(path, run_name="__main__")
-"#;
-
 /// `tests/fixtures/index_server.py` on loopback: the process and its port.
 async fn start_index(wheels: &Path, log: &Path) -> anyhow::Result<(tokio::process::Child, u16)> {
     use tokio::io::AsyncBufReadExt;
     let mut child = tokio::process::Command::new("python3")
-        .args(["-c", HEAD_PRELUDE])
         .arg(fixtures().join("index_server.py"))
         .arg(wheels)
         .arg(log)
