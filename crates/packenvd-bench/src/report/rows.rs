@@ -1,234 +1,17 @@
-//! The table: one row per measurement, the goal of issue 7 beside it and whether it is met.
-//! Printed aligned for a terminal, then as Markdown for docs/benchmarks.md.
+//! The table's rows, one function per scenario; `rows()` calls them in the order of issue 7.
 
 use std::time::Duration;
 
-use comfy_table::{presets, ContentArrangement, Table};
+use super::{mb, median, p99, peer_rate, quantiles, ratio, rows_per_s, yes, Cell, Measured};
+use crate::scenarios::{CacheTimes, Idle, Latencies, Verification};
 
-use crate::pg::Cluster;
-use crate::scenarios::{BuildTimes, CacheTimes, Caches, Idle, Latencies, PeerRate, Verification};
-use crate::Plan;
-
-/// A measurement that was not asked for, was made, or failed (the reason is shown in the row).
-#[derive(Debug, Default)]
-pub enum Cell<T> {
-    #[default]
-    NotRun,
-    Done(T),
-    Failed(String),
+/// The text of an empty cell.
+fn dash() -> String {
+    "—".to_string()
 }
 
-impl<T> Cell<T> {
-    fn done(&self) -> Option<&T> {
-        match self {
-            Cell::Done(t) => Some(t),
-            _ => None,
-        }
-    }
-
-    /// The cell's text: `show` of the value, or why there is none.
-    fn text(&self, show: impl FnOnce(&T) -> String) -> String {
-        match self {
-            Cell::NotRun => "—".into(),
-            Cell::Done(t) => show(t),
-            Cell::Failed(e) => format!("n/a: {e}"),
-        }
-    }
-}
-
-pub fn keep<T>(r: anyhow::Result<T>) -> Cell<T> {
-    match r {
-        Ok(t) => Cell::Done(t),
-        Err(e) => {
-            eprintln!("packenvd-bench: failed: {e:#}");
-            let first = format!("{e:#}");
-            let first = first.lines().next().unwrap_or_default();
-            Cell::Failed(first.chars().take(80).collect())
-        }
-    }
-}
-
-#[derive(Debug, Default)]
-pub struct Throughput {
-    pub concurrency: usize,
-    pub processes: usize,
-    pub packenvd: Cell<f64>,
-    /// Rows/s and the number of harness tasks that gave it.
-    pub raw: Option<(f64, usize)>,
-    pub peer_default: Cell<PeerRate>,
-    pub peer_best: Cell<PeerRate>,
-}
-
-#[derive(Debug, Default)]
-pub struct Measured {
-    pub plan: Option<Plan>,
-    pub machine: Vec<(String, String)>,
-    pub peer_best_settings: String,
-    pub throughput: Vec<Throughput>,
-    pub latency: Cell<Latencies>,
-    pub peer_latency_default: Cell<Latencies>,
-    pub peer_latency_best: Cell<Latencies>,
-    pub build: Cell<BuildTimes>,
-    pub caches: Cell<Caches>,
-    pub verification: Cell<Verification>,
-    pub idle: Cell<Idle>,
-    pub peer_idle_default: Cell<Idle>,
-    pub peer_idle_best: Cell<Idle>,
-    pub took: Duration,
-}
-
-/// nproc, memory and the server's version.
-pub async fn machine(cluster: &Cluster) -> Vec<(String, String)> {
-    let cpus = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|m| {
-            m.lines()
-                .find(|l| l.starts_with("MemTotal:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-        })
-        .map_or_else(
-            || "?".into(),
-            |kb| format!("{:.1} GiB", kb as f64 / 1024.0 / 1024.0),
-        );
-    let server = cluster
-        .server_version()
-        .await
-        .unwrap_or_else(|e| format!("? ({e})"));
-    vec![
-        ("packenvd".into(), revision()),
-        ("nproc".into(), cpus.to_string()),
-        ("memory".into(), mem),
-        ("server".into(), server),
-    ]
-}
-
-/// The commit the daemon was built from, and whether its sources had uncommitted changes.
-fn revision() -> String {
-    let repo = concat!(env!("CARGO_MANIFEST_DIR"), "/../..");
-    let git = |args: &[&str]| {
-        std::process::Command::new("git")
-            .arg("-C")
-            .arg(repo)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-    };
-    match git(&["rev-parse", "--short", "HEAD"]) {
-        None => "? (not a git checkout)".into(),
-        Some(rev) => {
-            let dirty = git(&[
-                "status",
-                "--porcelain",
-                "--",
-                "crates/packenvd",
-                "crates/packenv-core",
-                "migrations",
-            ])
-            .is_some_and(|s| !s.is_empty());
-            if dirty {
-                format!("commit {rev} with uncommitted changes to the daemon")
-            } else {
-                format!("commit {rev}")
-            }
-        }
-    }
-}
-
-pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    if sorted.is_empty() {
-        return Duration::ZERO;
-    }
-    let rank = (p * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn median(v: &[Duration]) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    percentile(&s, 0.5)
-}
-
-fn ms(d: Duration) -> String {
-    let ms = d.as_secs_f64() * 1000.0;
-    if ms < 10.0 {
-        format!("{ms:.2}")
-    } else {
-        format!("{ms:.1}")
-    }
-}
-
-/// "p50 / p95 / p99 / max ms".
-fn quantiles(v: &[Duration]) -> String {
-    let mut s = v.to_vec();
-    s.sort();
-    format!(
-        "{} / {} / {} / {} ms",
-        ms(percentile(&s, 0.50)),
-        ms(percentile(&s, 0.95)),
-        ms(percentile(&s, 0.99)),
-        ms(s.last().copied().unwrap_or_default())
-    )
-}
-
-fn p99(v: &[Duration]) -> Duration {
-    let mut s = v.to_vec();
-    s.sort();
-    percentile(&s, 0.99)
-}
-
-fn ratio(a: f64, b: f64) -> String {
-    if b > 0.0 {
-        format!("{:.2}", a / b)
-    } else {
-        "—".into()
-    }
-}
-
-fn yes(ok: bool) -> String {
-    if ok { "yes" } else { "NO" }.into()
-}
-
-fn rows_per_s(r: f64) -> String {
-    format!("{r:.0}")
-}
-
-fn peer_rate(r: &PeerRate) -> String {
-    match r.partial {
-        None => rows_per_s(r.rows_per_s),
-        Some((done, took)) => format!(
-            "{:.1} (not done: {done} rows in {:.0} s)",
-            r.rows_per_s,
-            took.as_secs_f64()
-        ),
-    }
-}
-
-fn mb(kb: u64) -> String {
-    format!("{:.1} MB", kb as f64 * 1024.0 / 1e6)
-}
-
-const HEADER: [&str; 10] = [
-    "measure",
-    "setting",
-    "packenvd",
-    "baseline",
-    "÷ baseline",
-    "peer, defaults",
-    "peer, best",
-    "÷ peer best",
-    "goal",
-    "met",
-];
-
-/// The table's rows, in the order of issue 7.
-pub fn rows(m: &Measured) -> Vec<[String; 10]> {
-    let mut out: Vec<[String; 10]> = Vec::new();
-    let dash = || "—".to_string();
-
-    // 1. Queue throughput
+/// Measure 1, queue throughput: one row per concurrency setting.
+pub(super) fn throughput_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
     for t in &m.throughput {
         let setting = format!(
             "concurrency {}, {} process{}",
@@ -272,8 +55,10 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
             met,
         ]);
     }
+}
 
-    // 2. Pickup latency
+/// Measure 2, pickup latency: commit → claimed and commit → ready.
+pub(super) fn latency_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
     let samples = m.latency.done().map_or(0, |l| l.pickup.len());
     let vs = |f: fn(&Latencies) -> &Vec<Duration>| match (
         m.latency.done(),
@@ -311,8 +96,10 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
             dash(),
         ]);
     }
+}
 
-    // 3. Build overhead
+/// Measure 3, build overhead.
+pub(super) fn build_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
     if !matches!(m.build, Cell::NotRun) {
         let n = m.build.done().map_or(0, |b| b.daemon.len());
         let (packenvd, direct, over, met) = match m.build.done() {
@@ -359,8 +146,10 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
             met,
         ]);
     }
+}
 
-    // 4. Caches
+/// Measure 4, caches: one row per runtime.
+pub(super) fn caches_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
     if !matches!(m.caches, Cell::NotRun) {
         let n = m.caches.done().map_or(0, |c| c.pip.cold.len());
         let goal = "warm ≥ 5× faster than cold";
@@ -424,8 +213,10 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
             ]);
         }
     }
+}
 
-    // 5. Verification
+/// Measure 5, verification: one row for one instance, one for two at once.
+pub(super) fn verification_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
     if !matches!(m.verification, Cell::NotRun) {
         let per_s = |r: &crate::scenarios::VerifyRun| {
             format!(
@@ -470,8 +261,10 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
             ]);
         }
     }
+}
 
-    // 6. Idle cost
+/// Measure 6, idle cost: CPU, statements sent and peak RSS.
+pub(super) fn idle_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
     if !matches!(m.idle, Cell::NotRun) {
         let window = m
             .plan
@@ -531,72 +324,5 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
                 |i| yes((i.peak_rss_kb * 1024) < 25_000_000),
             ),
         ]);
-    }
-    out
-}
-
-fn table(rows: &[[String; 10]], preset: &str) -> Table {
-    let mut t = Table::new();
-    t.load_preset(preset)
-        .set_content_arrangement(ContentArrangement::Disabled)
-        .set_header(HEADER);
-    for r in rows {
-        t.add_row(r.iter());
-    }
-    t
-}
-
-pub fn print(m: &Measured) {
-    let rows = rows(m);
-    println!("{}", table(&rows, presets::UTF8_FULL_CONDENSED));
-    println!();
-    println!("Markdown (for docs/benchmarks.md):");
-    println!();
-    for (k, v) in &m.machine {
-        println!("- {k}: {v}");
-    }
-    if let Some(p) = &m.plan {
-        println!(
-            "- rows per throughput run: {}; latency requests: {}; build samples: {}; cache samples: {}; verified environments: {}; idle window: {} s; peer: {}",
-            p.rows,
-            p.latency_samples,
-            p.build_samples,
-            p.cache_samples,
-            p.verify_envs,
-            p.idle_window.as_secs(),
-            if p.peer { "graphile_worker 0.14 (best: ".to_string() + &m.peer_best_settings + ")" } else { "skipped".into() }
-        );
-    }
-    println!("- the whole run took {:.0} s", m.took.as_secs_f64());
-    println!();
-    println!("{}", table(&rows, presets::ASCII_MARKDOWN));
-    if let Some(l) = m.latency.done() {
-        if let Some(gap) = l.max_clock_gap {
-            println!();
-            println!(
-                "(check: the daemon's `build finished` log times and `installed_at` differ by at most {} ms)",
-                ms(gap)
-            );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn percentiles_are_nearest_rank() {
-        let v: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
-        assert_eq!(percentile(&v, 0.5), Duration::from_millis(50));
-        assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
-        assert_eq!(percentile(&v, 1.0), Duration::from_millis(100));
-        assert_eq!(percentile(&v[..1], 0.99), Duration::from_millis(1));
-    }
-
-    #[test]
-    fn rows_not_run_are_left_out() {
-        let rows = rows(&Measured::default());
-        assert!(rows.is_empty());
     }
 }

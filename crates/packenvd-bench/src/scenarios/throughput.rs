@@ -1,0 +1,242 @@
+//! Row 1, queue throughput: rows per second from one bulk insert until the queue is empty,
+//! for packenvd's daemons, for its own claim and write-back statements in a tight loop (the
+//! raw limit) and for the peer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::ensure;
+use chrono::{DateTime, Utc};
+use sqlx::PgPool;
+
+use super::{elapsed, insert_packs, rate, start_peers, stop_all, wait_empty, Ctx};
+use crate::procs::{self, PeerOptions};
+use crate::proxy;
+
+/// Inserts a `pending` core.shell row for every pack in one transaction; returns the server's
+/// clock just before the commit (the rows become visible, and the NOTIFY goes out, at commit).
+async fn insert_shell_rows(pool: &PgPool) -> anyhow::Result<DateTime<Utc>> {
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO pack_environment (pack, runtime)
+         SELECT p.id, r.id FROM pack p, runtime r WHERE r.ref = 'core.shell' ORDER BY p.id",
+    )
+    .execute(&mut *tx)
+    .await?;
+    let t0 = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(t0)
+}
+
+/// Each EXISTS matches one partial index, so a look costs a few index pages, not a scan.
+const PACKENVD_EMPTY: &str = "SELECT clock_timestamp(),
+    NOT EXISTS (SELECT 1 FROM pack_environment WHERE status IN ('pending', 'outdated'))
+    AND NOT EXISTS (SELECT 1 FROM pack_environment WHERE status = 'installing')";
+const PEER_EMPTY: &str =
+    "SELECT clock_timestamp(), NOT EXISTS (SELECT 1 FROM graphile_worker._private_jobs)";
+
+fn throughput_limit(rows: u64) -> Duration {
+    Duration::from_secs(60 + rows / 50)
+}
+
+/// Rows per second from the insert's commit until every row is `ready`, with `processes`
+/// daemons of `concurrency` each, started and idle before the insert.
+pub async fn packenvd_throughput(
+    ctx: &Ctx,
+    rows: u64,
+    concurrency: usize,
+    processes: usize,
+) -> anyhow::Result<f64> {
+    let db = ctx.cluster.packenvd_db("tp", 2).await?;
+    let result = async {
+        insert_packs(&db.pool, "tp", rows).await?;
+        let dirs = ctx.daemon_dirs("tp")?;
+        let proxy = match ctx.count_statements {
+            true => Some(proxy::start(&db.url, &ctx.dir("proxy")?)?),
+            false => None,
+        };
+        let url = proxy.as_ref().map_or(db.url.as_str(), |p| p.url.as_str());
+        let mut daemons = Vec::new();
+        for i in 0..processes {
+            let mut d = procs::spawn_packenvd(
+                &dirs,
+                url,
+                &format!("bench-{i}"),
+                Some(concurrency),
+                false,
+            )?;
+            d.wait_ready().await?;
+            daemons.push(d);
+        }
+        let before = proxy.as_ref().map(|p| p.counts.snapshot());
+        let cpu0: f64 = daemons.iter().filter_map(|d| procs::cpu_seconds(d.pid()).ok()).sum();
+        let t0 = insert_shell_rows(&db.pool).await?;
+        let t1 = wait_empty(&db.pool, PACKENVD_EMPTY, throughput_limit(rows)).await;
+        let cpu1: f64 = daemons.iter().filter_map(|d| procs::cpu_seconds(d.pid()).ok()).sum();
+        if let (Some(p), Some(before)) = (&proxy, before) {
+            let d = p.counts.snapshot() - before;
+            let per_row = |n: u64| n as f64 / rows as f64;
+            eprintln!(
+                "packenvd-bench: statements: concurrency {concurrency} × {processes}: {:.2} statements and {:.2} pool pings per row; daemon CPU {:.0} µs per row",
+                per_row(d.statements),
+                per_row(d.syncs.saturating_sub(d.executes)),
+                (cpu1 - cpu0) * 1e6 / rows as f64,
+            );
+        } else {
+            eprintln!(
+                "packenvd-bench: daemon CPU {:.0} µs per row",
+                (cpu1 - cpu0) * 1e6 / rows as f64
+            );
+        }
+        stop_all(daemons).await;
+        let t1 = t1?;
+        let ready: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pack_environment WHERE status = 'ready'")
+                .fetch_one(&db.pool)
+                .await?;
+        ensure!(
+            ready as u64 == rows,
+            "only {ready} of {rows} rows are ready"
+        );
+        Ok(rate(rows, t0, t1))
+    }
+    .await;
+    ctx.cluster.drop_db(db).await;
+    result
+}
+
+/// The raw limit: packenvd's own claim and write-back statements in a tight loop, no daemon.
+/// `tasks` loops run at once, each claiming up to `concurrency` rows and writing each back.
+pub async fn raw_throughput(
+    ctx: &Ctx,
+    rows: u64,
+    concurrency: usize,
+    tasks: usize,
+) -> anyhow::Result<f64> {
+    let db = ctx.cluster.packenvd_db("raw", 2).await?;
+    let result = async {
+        insert_packs(&db.pool, "raw", rows).await?;
+        // The daemon's own pool settings, so raw and daemon pay the same per statement.
+        let pool = packenvd::store::connect(&db.url, tasks as u32).await?;
+        let t0 = insert_shell_rows(&db.pool).await?;
+        let metadata =
+            Arc::new(serde_json::json!({"requires_environment": false, "runtime": "core.shell"}));
+        let envs_root = Arc::new(ctx.dir("raw-envs")?);
+        let mut loops = tokio::task::JoinSet::new();
+        for i in 0..tasks {
+            let pool = pool.clone();
+            let metadata = metadata.clone();
+            let envs_root = envs_root.clone();
+            loops.spawn(async move {
+                let name = format!("raw-{i}");
+                loop {
+                    let claimed = packenvd::store::claim(
+                        &pool,
+                        &name,
+                        Duration::from_secs(60),
+                        concurrency as i64,
+                        &envs_root,
+                    )
+                    .await?;
+                    if claimed.is_empty() {
+                        return Ok::<_, sqlx::Error>(());
+                    }
+                    for row in claimed {
+                        packenvd::store::finish_ready(
+                            &pool,
+                            row.id,
+                            row.claim_token,
+                            None,
+                            "runtime core.shell needs no environment\n",
+                            &metadata,
+                            None,
+                        )
+                        .await?;
+                    }
+                }
+            });
+        }
+        while let Some(r) = loops.join_next().await {
+            r??;
+        }
+        pool.close().await;
+        let t1 = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&db.pool)
+            .await?;
+        let ready: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pack_environment WHERE status = 'ready'")
+                .fetch_one(&db.pool)
+                .await?;
+        ensure!(
+            ready as u64 == rows,
+            "only {ready} of {rows} rows are ready"
+        );
+        Ok(rate(rows, t0, t1))
+    }
+    .await;
+    ctx.cluster.drop_db(db).await;
+    result
+}
+
+/// A peer's rate; `partial` when the queue was not empty after the time cap, and the rate is
+/// that of the rows done by then.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerRate {
+    pub rows_per_s: f64,
+    pub partial: Option<(u64, Duration)>,
+}
+
+/// The peer's rows/s for `rows` no-op jobs added in one call of its `add_jobs()`. Its default
+/// mode runs one job per slot per wake-up (one NOTIFY for the batch, then its 1 s poll), so a
+/// bulk insert drains at about `concurrency` rows per second; `cap` bounds that wait.
+pub async fn peer_throughput(
+    ctx: &Ctx,
+    rows: u64,
+    processes: usize,
+    options: &PeerOptions,
+    cap: Duration,
+) -> anyhow::Result<PeerRate> {
+    let db = ctx.cluster.fresh_db("peertp", 2).await?;
+    let result = async {
+        let peers = start_peers(ctx, &db, processes, options).await?;
+        let mut tx = db.pool.begin().await?;
+        sqlx::query(
+            "SELECT count(*) FROM graphile_worker.add_jobs(ARRAY(
+                 SELECT ROW('noop', '{}'::json, NULL, NULL, NULL, NULL, NULL, NULL)::graphile_worker.job_spec
+                 FROM generate_series(1, $1::bigint)))",
+        )
+        .bind(rows as i64)
+        .execute(&mut *tx)
+        .await?;
+        let t0 = sqlx::query_scalar("SELECT clock_timestamp()")
+            .fetch_one(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        let t1 = wait_empty(&db.pool, PEER_EMPTY, cap.min(throughput_limit(rows))).await;
+        let out = match t1 {
+            Ok(t1) => PeerRate {
+                rows_per_s: rate(rows, t0, t1),
+                partial: None,
+            },
+            Err(_) => {
+                let (now, left): (DateTime<Utc>, i64) = sqlx::query_as(
+                    "SELECT clock_timestamp(), count(*) FROM graphile_worker._private_jobs",
+                )
+                .fetch_one(&db.pool)
+                .await?;
+                let done = rows.saturating_sub(left as u64);
+                PeerRate {
+                    rows_per_s: rate(done, t0, now),
+                    partial: Some((done, elapsed(t0, now))),
+                }
+            }
+        };
+        stop_all(peers).await;
+        Ok(out)
+    }
+    .await;
+    ctx.cluster.drop_db(db).await;
+    result
+}
