@@ -130,7 +130,8 @@ impl EnvLocation {
         Ok(EnvLocation { pack_dir, env_path })
     }
 
-    fn name(&self) -> &str {
+    /// The environment's directory name: the last component of `env_path`.
+    pub fn name(&self) -> &str {
         self.env_path
             .file_name()
             .and_then(|n| n.to_str())

@@ -3,6 +3,7 @@
 //! memory and the row still shows how the output began and how it ended.
 
 use std::collections::VecDeque;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Output of every step of one build, capped to `head_cap + tail_cap` bytes.
 #[derive(Debug)]
@@ -75,6 +76,36 @@ impl CappedLog {
         out.push_str(&String::from_utf8_lossy(&tail));
         // Postgres TEXT cannot hold NUL.
         out.replace('\0', "\u{FFFD}")
+    }
+}
+
+/// A [`CappedLog`] shared by the tasks of one build: the output pumps of its steps, the build
+/// itself (its `==>` lines) and the flusher that copies it to the row.
+#[derive(Debug, Clone)]
+pub struct BuildLog(Arc<Mutex<CappedLog>>);
+
+impl BuildLog {
+    pub fn new(cap: usize) -> Self {
+        BuildLog(Arc::new(Mutex::new(CappedLog::new(cap))))
+    }
+
+    /// The log, even if a writer panicked while holding it (a log is never left half-valid:
+    /// every write completes or does not start).
+    pub fn lock(&self) -> MutexGuard<'_, CappedLog> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Appends one line of packenvd's own (`==> step 1/2 ...`).
+    pub fn line(&self, text: &str) {
+        self.lock().line(text);
+    }
+
+    pub fn render(&self) -> String {
+        self.lock().render()
+    }
+
+    pub fn version(&self) -> u64 {
+        self.lock().version()
     }
 }
 

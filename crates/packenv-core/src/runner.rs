@@ -5,7 +5,6 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{killpg, Signal};
@@ -13,7 +12,7 @@ use nix::unistd::Pid;
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
-use crate::log::CappedLog;
+use crate::log::BuildLog;
 
 /// A command ready to run: everything rendered, the environment complete.
 #[derive(Debug, Clone)]
@@ -64,8 +63,14 @@ impl Outcome {
 
     /// "exited with status 1", "was killed by signal 9", "timed out after 15m", ...
     pub fn describe(&self) -> String {
+        self.to_string()
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         use std::os::unix::process::ExitStatusExt;
-        match self {
+        let text = match self {
             Outcome::Exited(s) => match (s.code(), s.signal()) {
                 (Some(code), _) => format!("exited with status {code}"),
                 (None, Some(sig)) => {
@@ -82,7 +87,8 @@ impl Outcome {
             }
             Outcome::Cancelled => "was cancelled and killed".into(),
             Outcome::SpawnFailed(e) => format!("could not be started: {e}"),
-        }
+        };
+        f.write_str(&text)
     }
 }
 
@@ -91,11 +97,7 @@ impl Outcome {
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs `inv`, appending its stdout and stderr to `log`.
-pub async fn run(
-    inv: &Invocation,
-    log: &Arc<Mutex<CappedLog>>,
-    cancel: &CancellationToken,
-) -> Outcome {
+pub async fn run(inv: &Invocation, log: &BuildLog, cancel: &CancellationToken) -> Outcome {
     let mut cmd = tokio::process::Command::new(&inv.program);
     cmd.args(&inv.args)
         .current_dir(&inv.cwd)
@@ -165,16 +167,14 @@ fn die_with_parent(cmd: &mut tokio::process::Command) {
     }
 }
 
-async fn pump(mut reader: impl AsyncRead + Unpin, log: Arc<Mutex<CappedLog>>) {
+async fn pump(mut reader: impl AsyncRead + Unpin, log: BuildLog) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
         match reader.read(&mut buf).await {
             Ok(0) | Err(_) => return,
             Ok(n) => {
                 tracing::debug!(output = %String::from_utf8_lossy(&buf[..n]).trim_end(), "step output");
-                log.lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .write(&buf[..n]);
+                log.lock().write(&buf[..n]);
             }
         }
     }
@@ -196,7 +196,7 @@ mod tests {
 
     #[tokio::test]
     async fn output_of_both_streams_reaches_the_log() {
-        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let log = BuildLog::new(4096);
         let out = run(
             &inv(
                 "sh",
@@ -208,14 +208,14 @@ mod tests {
         )
         .await;
         assert_eq!(out.describe(), "exited with status 3");
-        let text = log.lock().unwrap().render();
+        let text = log.render();
         assert!(text.contains("out\n") && text.contains("err\n"), "{text}");
     }
 
     #[tokio::test]
     async fn the_environment_is_exactly_what_was_given() {
         std::env::set_var("PACKENV_SECRET_FOR_TEST", "leak");
-        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let log = BuildLog::new(4096);
         let out = run(
             &inv("env", &[], Duration::from_secs(10)),
             &log,
@@ -223,7 +223,7 @@ mod tests {
         )
         .await;
         assert!(out.success());
-        assert_eq!(log.lock().unwrap().render().trim(), "PATH=/usr/bin:/bin");
+        assert_eq!(log.render().trim(), "PATH=/usr/bin:/bin");
     }
 
     #[tokio::test]
@@ -231,7 +231,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let marker = dir.path().join("grandchild-alive");
         let script = format!("(sleep 2; touch {}) & sleep 30", marker.display());
-        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let log = BuildLog::new(4096);
         let started = Instant::now();
         let out = run(
             &inv("sh", &["-c", &script], Duration::from_millis(300)),
@@ -247,7 +247,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_command_fails_to_spawn() {
-        let log = Arc::new(Mutex::new(CappedLog::new(4096)));
+        let log = BuildLog::new(4096);
         let out = run(
             &inv("no-such-command-xyz", &[], Duration::from_secs(1)),
             &log,

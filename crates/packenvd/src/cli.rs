@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, Parser, Subcommand};
 use sqlx::PgPool;
 
-use crate::config::{Layers, Settings, Source};
-use crate::store;
+use crate::config::{Layers, Loaded, SettingFlags, Settings};
+use crate::logging::LogFormat;
+use crate::store::{self, Status};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -27,12 +28,6 @@ pub struct Cli {
     pub command: Command,
 }
 
-#[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum LogFormat {
-    Text,
-    Json,
-}
-
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply the database migrations.
@@ -44,9 +39,9 @@ pub enum Command {
         /// Only this pack.
         #[arg(long)]
         pack: Option<String>,
-        /// Only rows in this status (pending, installing, ready, failed, outdated).
-        #[arg(long)]
-        status: Option<String>,
+        /// Only rows in this status.
+        #[arg(long, value_enum)]
+        status: Option<Status>,
         #[arg(long)]
         json: bool,
     },
@@ -63,8 +58,9 @@ pub enum Command {
     },
     /// Print the install log and error of one environment.
     Logs { pack: String, runtime: String },
-    /// Print the effective configuration and where each value came from, secrets masked.
-    CheckConfig(RunArgs),
+    /// Print the effective configuration as a config file that loads back: every setting,
+    /// its value and where it came from, secrets masked.
+    CheckConfig(SettingFlags),
     /// Remove superseded and orphaned builds now (what the daemon does every gc_interval).
     Gc {
         /// List what would be removed and why; remove nothing.
@@ -91,41 +87,24 @@ pub enum Command {
     },
 }
 
-/// Flags that override the config file and environment.
+/// `packenvd run`'s own flags and the setting flags.
 #[derive(Debug, Clone, Default, Args)]
 pub struct RunArgs {
-    #[arg(long)]
-    pub envs_root: Option<String>,
-    #[arg(long)]
-    pub packs_dir: Option<String>,
-    #[arg(long)]
-    pub cache_dir: Option<String>,
-    #[arg(long)]
-    pub concurrency: Option<String>,
-    /// e.g. "5s"
-    #[arg(long)]
-    pub poll_interval: Option<String>,
-    /// e.g. "15m"
-    #[arg(long)]
-    pub step_timeout: Option<String>,
     /// Exit once no row is pending, outdated or installing (for batch jobs and the demo).
     #[arg(long)]
     pub until_done: bool,
+    #[command(flatten)]
+    pub settings: SettingFlags,
 }
 
-impl RunArgs {
-    pub fn overrides(&self) -> BTreeMap<&'static str, String> {
-        [
-            ("envs_root", &self.envs_root),
-            ("packs_dir", &self.packs_dir),
-            ("cache_dir", &self.cache_dir),
-            ("concurrency", &self.concurrency),
-            ("poll_interval", &self.poll_interval),
-            ("step_timeout", &self.step_timeout),
-        ]
-        .into_iter()
-        .filter_map(|(k, v)| v.clone().map(|v| (k, v)))
-        .collect()
+impl Command {
+    /// The setting flags given to this command.
+    pub fn setting_flags(&self) -> BTreeMap<&'static str, String> {
+        match self {
+            Command::Run(a) => a.settings.0.clone(),
+            Command::CheckConfig(f) => f.0.clone(),
+            _ => BTreeMap::new(),
+        }
     }
 }
 
@@ -133,13 +112,9 @@ impl RunArgs {
 pub fn load_settings(
     cli: &Cli,
     require_database: bool,
-) -> Result<(Settings, BTreeMap<&'static str, Source>), crate::config::ConfigError> {
-    let flags = match &cli.command {
-        Command::Run(a) | Command::CheckConfig(a) => a.overrides(),
-        _ => BTreeMap::new(),
-    };
+) -> Result<Loaded, crate::config::ConfigError> {
     Settings::load(
-        Layers::from_process_env(cli.config.clone(), flags),
+        Layers::from_process_env(cli.config.clone(), cli.command.setting_flags()),
         require_database,
     )
 }
@@ -148,7 +123,7 @@ pub fn load_settings(
 pub async fn status(
     pool: &PgPool,
     pack: Option<&str>,
-    status: Option<&str>,
+    status: Option<Status>,
     json: bool,
 ) -> anyhow::Result<()> {
     let rows = store::status(pool, pack, status)
@@ -171,8 +146,8 @@ pub async fn status(
     ]);
     let now = chrono::Utc::now();
     for r in &rows {
-        let mut st = r.status.clone();
-        if r.status == "pending" && r.run_after > now {
+        let mut st = r.status.to_string();
+        if r.status == Status::Pending && r.run_after > now {
             st = format!(
                 "pending (retry in {}s)",
                 (r.run_after - now).num_seconds().max(0)
@@ -282,7 +257,7 @@ fn print_report(report: &crate::gc::Report, verb: &str) {
 
 /// `packenvd gc [--dry-run]`.
 pub async fn gc(pool: &PgPool, settings: &Settings, dry_run: bool) -> anyhow::Result<()> {
-    let report = crate::gc::run_once(pool, &settings.gc(), dry_run).await?;
+    let report = crate::gc::run_once(pool, &crate::gc::GcConfig::from(settings), dry_run).await?;
     print_report(&report, if dry_run { "would remove" } else { "removed" });
     if report.removed.is_empty() && report.kept_in_use.is_empty() {
         println!("nothing to remove");
@@ -300,7 +275,8 @@ pub async fn remove(
     pack: &str,
     runtime: Option<&str>,
 ) -> anyhow::Result<()> {
-    let (runtimes, report) = crate::gc::remove(pool, &settings.gc(), pack, runtime).await?;
+    let (runtimes, report) =
+        crate::gc::remove(pool, &crate::gc::GcConfig::from(settings), pack, runtime).await?;
     if runtimes.is_empty() {
         anyhow::bail!(
             "no environment for pack {pack}{}",
@@ -349,4 +325,99 @@ pub async fn verify(
         findings.len()
     );
     Ok(broken > 0)
+}
+
+/// Runs the parsed command line; returns the process's exit status. Configuration errors exit
+/// with 2, a command that found something wrong (a broken environment) with 1.
+pub fn main(cli: Cli) -> std::process::ExitCode {
+    use std::process::ExitCode;
+    let require_db = !matches!(cli.command, Command::CheckConfig(_));
+    let loaded = match load_settings(&cli, require_db) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("packenvd: configuration error: {}", crate::error::chain(&e));
+            return ExitCode::from(2);
+        }
+    };
+    let filter = crate::logging::init(cli.log_format, &loaded.settings.log_level);
+    for w in &loaded.warnings {
+        tracing::warn!("{w}");
+    }
+    if let Command::CheckConfig(_) = cli.command {
+        print!("{}", loaded.settings.to_toml(&loaded.sources));
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("packenvd: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(&cli, loaded.settings, filter)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("packenvd: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(
+    cli: &Cli,
+    settings: Settings,
+    filter: crate::logging::LogFilter,
+) -> anyhow::Result<std::process::ExitCode> {
+    use std::process::ExitCode;
+    let pool_size = u32::try_from(settings.concurrency)
+        .unwrap_or(u32::MAX)
+        .saturating_add(4);
+    let pool = store::connect(settings.database_url.expose(), pool_size)
+        .await
+        .context("cannot connect to the database (DATABASE_URL)")?;
+    match &cli.command {
+        Command::Migrate => {
+            store::MIGRATOR
+                .run(&pool)
+                .await
+                .context("applying migrations")?;
+            println!("migrations applied");
+        }
+        Command::Run(args) => {
+            let options = crate::daemon::RunOptions {
+                config_file: cli.config.clone(),
+                flags: args.settings.0.clone(),
+                until_done: args.until_done,
+            };
+            crate::daemon::run(pool, settings, options, filter).await?;
+        }
+        Command::Status {
+            pack,
+            status: s,
+            json,
+        } => status(&pool, pack.as_deref(), *s, *json).await?,
+        Command::Request { pack, runtime } => request(&pool, pack, runtime).await?,
+        Command::Rebuild {
+            pack,
+            runtime,
+            failed,
+        } => rebuild(&pool, pack.as_deref(), runtime.as_deref(), *failed).await?,
+        Command::Logs { pack, runtime } => logs(&pool, pack, runtime).await?,
+        Command::Gc { dry_run } => gc(&pool, &settings, *dry_run).await?,
+        Command::Remove { pack, runtime } => {
+            remove(&pool, &settings, pack, runtime.as_deref()).await?
+        }
+        Command::Verify {
+            all,
+            stale: _,
+            pack,
+            runtime,
+        } => {
+            if verify(&pool, &settings, *all, pack.clone(), runtime.clone()).await? {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Command::CheckConfig(_) => unreachable!("handled before connecting"),
+    }
+    Ok(ExitCode::SUCCESS)
 }

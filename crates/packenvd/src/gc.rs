@@ -12,6 +12,7 @@ use packenv_core::inuse::dirs_in_use;
 use sqlx::PgPool;
 
 use crate::store;
+use crate::Error;
 
 /// Settings of the collector.
 #[derive(Debug, Clone)]
@@ -20,6 +21,15 @@ pub struct GcConfig {
     pub envs_root: PathBuf,
     /// How long a superseded build or an orphaned environment is kept before removal.
     pub grace: Duration,
+}
+
+impl GcConfig {
+    pub fn from(s: &crate::config::Settings) -> Self {
+        GcConfig {
+            envs_root: s.envs_root.clone(),
+            grace: s.gc_grace,
+        }
+    }
 }
 
 /// Something the collector removes (or, in a dry run, would remove).
@@ -75,25 +85,23 @@ fn age(meta: &std::fs::Metadata) -> Duration {
 
 /// One pass: reads what the rows keep alive, then walks the envs root. With `dry_run`, removes
 /// nothing and reports what it would remove.
-pub async fn run_once(pool: &PgPool, cfg: &GcConfig, dry_run: bool) -> Result<Report, sqlx::Error> {
+pub async fn run_once(pool: &PgPool, cfg: &GcConfig, dry_run: bool) -> Result<Report, Error> {
     // Rows first, then the disk: a build that starts after this query is younger than the
     // grace, so it is safe even though the query does not know it.
-    let rows = store::live_environments(pool).await?;
+    let rows = store::live_environments(pool)
+        .await
+        .map_err(Error::db("reading the environments to keep"))?;
     let root = cfg.envs_root.clone();
     let grace = cfg.grace;
-    let report = tokio::task::spawn_blocking(move || collect(&root, grace, &rows, dry_run))
-        .await
-        .unwrap_or_else(|e| Report {
-            errors: vec![Removal {
-                path: PathBuf::new(),
-                reason: format!("collector panicked: {e}"),
-            }],
-            ..Report::default()
-        });
-    Ok(report)
+    packenv_core::blocking(move || collect(&root, grace, &rows, dry_run)).await
 }
 
-fn collect(root: &Path, grace: Duration, rows: &[store::LiveEnv], dry_run: bool) -> Report {
+fn collect(
+    root: &Path,
+    grace: Duration,
+    rows: &[store::LiveEnv],
+    dry_run: bool,
+) -> Result<Report, Error> {
     let live_links: HashSet<PathBuf> = rows
         .iter()
         .filter_map(|r| r.env_path.as_ref().map(PathBuf::from))
@@ -113,8 +121,16 @@ fn collect(root: &Path, grace: Duration, rows: &[store::LiveEnv], dry_run: bool)
         .map(|r| r.pack_ref.as_str())
         .collect();
 
-    let Ok(packs) = std::fs::read_dir(root) else {
-        return Report::default();
+    let packs = match std::fs::read_dir(root) {
+        Ok(packs) => packs,
+        // Nothing was built yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Report::default()),
+        Err(source) => {
+            return Err(Error::Io {
+                what: format!("cannot read the envs root {}", root.display()),
+                source,
+            })
+        }
     };
     let mut candidates: Vec<(PathBuf, String)> = Vec::new();
     let mut touched_pack_dirs = BTreeSet::new();
@@ -186,7 +202,7 @@ fn collect(root: &Path, grace: Duration, rows: &[store::LiveEnv], dry_run: bool)
             let _ = std::fs::remove_dir(&dir);
         }
     }
-    report
+    Ok(report)
 }
 
 /// `packenvd remove`: deletes the rows and their environments at once, except builds a running
@@ -196,45 +212,49 @@ pub async fn remove(
     cfg: &GcConfig,
     pack_ref: &str,
     runtime_ref: Option<&str>,
-) -> Result<(Vec<String>, Report), sqlx::Error> {
-    let deleted = store::remove(pool, pack_ref, runtime_ref).await?;
-    let mut names = Vec::new();
-    let mut candidates = Vec::new();
-    for (runtime, env_path) in &deleted {
-        names.push(runtime.clone());
-        let Some(env_path) = env_path.as_deref().map(PathBuf::from) else {
-            continue;
-        };
-        // Only what lies where packenvd puts environments.
-        let Some(pack_dir) = env_path
-            .parent()
-            .filter(|p| p.parent() == Some(cfg.envs_root.as_path()))
-        else {
-            continue;
-        };
-        let Some(name) = env_path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-        else {
-            continue;
-        };
-        candidates.push((env_path.clone(), "removed on request".to_string()));
-        if let Ok(entries) = std::fs::read_dir(pack_dir) {
-            for e in entries.flatten() {
-                let n = e.file_name().to_string_lossy().into_owned();
-                if is_build_dir_name(&n)
-                    && n.strip_prefix('.')
-                        .is_some_and(|r| r.starts_with(&format!("{name}-")))
-                {
-                    candidates.push((e.path(), "removed on request".to_string()));
-                }
+) -> Result<(Vec<String>, Report), Error> {
+    let deleted = store::remove(pool, pack_ref, runtime_ref)
+        .await
+        .map_err(Error::db("deleting the rows"))?;
+    let names = deleted.iter().map(|(runtime, _)| runtime.clone()).collect();
+    let root = cfg.envs_root.clone();
+    let report = packenv_core::blocking(move || {
+        let candidates = deleted
+            .iter()
+            .filter_map(|(_, env_path)| env_path.as_deref())
+            .flat_map(|env_path| removal_candidates(&root, Path::new(env_path)))
+            .collect();
+        remove_unused(candidates, false)
+    })
+    .await;
+    Ok((names, report))
+}
+
+/// The link `env_path` and its build directories, if `env_path` lies where packenvd puts
+/// environments.
+fn removal_candidates(root: &Path, env_path: &Path) -> Vec<(PathBuf, String)> {
+    let Some(pack_dir) = env_path.parent().filter(|p| p.parent() == Some(root)) else {
+        return Vec::new();
+    };
+    let Some(name) = env_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+    else {
+        return Vec::new();
+    };
+    let mut candidates = vec![(env_path.to_owned(), "removed on request".to_string())];
+    if let Ok(entries) = std::fs::read_dir(pack_dir) {
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if is_build_dir_name(&n)
+                && n.strip_prefix('.')
+                    .is_some_and(|r| r.starts_with(&format!("{name}-")))
+            {
+                candidates.push((e.path(), "removed on request".to_string()));
             }
         }
     }
-    let report = tokio::task::spawn_blocking(move || remove_unused(candidates, false))
-        .await
-        .unwrap_or_default();
-    Ok((names, report))
+    candidates
 }
 
 /// Removes each candidate no running process uses (or, with `dry_run`, only reports it).

@@ -13,7 +13,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 use sqlx::PgPool;
 
-use crate::store;
+use crate::store::{self, Status};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabel {
@@ -22,7 +22,7 @@ pub struct OutcomeLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
-    pub status: String,
+    pub status: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -35,7 +35,7 @@ pub struct ResultLabel {
 #[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
-    /// Builds by outcome: ready, failed, retry, unchanged, cancelled, discarded (claim lost).
+    /// Builds by outcome: ready, unchanged, retry, failed, released, discarded (claim lost).
     pub builds: Family<OutcomeLabel, Counter>,
     pub build_duration: Histogram,
     /// Rows by status, read from the database at scrape time.
@@ -122,14 +122,14 @@ impl Metrics {
     pub async fn render(&self, pool: &PgPool) -> String {
         match store::count_by_status(pool).await {
             Ok(counts) => {
-                for status in ["pending", "installing", "ready", "failed", "outdated"] {
+                for status in Status::ALL {
                     let n = counts
                         .iter()
-                        .find(|(s, _)| s == status)
+                        .find(|(s, _)| *s == status)
                         .map_or(0, |(_, n)| *n);
                     self.environments
                         .get_or_create(&StatusLabel {
-                            status: status.into(),
+                            status: status.as_str(),
                         })
                         .set(n);
                 }

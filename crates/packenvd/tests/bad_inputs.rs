@@ -167,7 +167,7 @@ async fn a_missing_command_fails_at_once_naming_it(pool: PgPool) {
     let id = request(&pool, "p", "t.nocmd").await;
     let error = fails_alone(&pool, &env, id).await;
     assert!(
-        error.contains("step 'install' (`no-such-installer-xyz`) could not be started"),
+        error.contains("step 'install': `no-such-installer-xyz` not found on PATH (PATH="),
         "{error}"
     );
 }

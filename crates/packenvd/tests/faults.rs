@@ -343,6 +343,14 @@ async fn sigterm_hands_running_builds_back_and_leaves_no_child_process(pool: PgP
     );
 }
 
+/// Makes every waiting retry due now, as if its backoff had passed.
+async fn due_now(pool: &PgPool) {
+    sqlx::query("UPDATE pack_environment SET run_after = now() WHERE status = 'pending'")
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_step_that_fails_twice_then_succeeds_ends_ready_after_growing_waits(pool: PgPool) {
     let env = Env::new(&[("retry_backoff", "300ms"), ("max_attempts", "3")]);
@@ -375,7 +383,8 @@ async fn a_step_that_fails_twice_then_succeeds_ends_ready_after_growing_waits(po
             break;
         }
         waits.push(wait);
-        tokio::time::sleep(Duration::from_secs_f64(wait.max(0.0) + 0.05)).await;
+        // The wait is recorded; bring the retry forward instead of sleeping through it.
+        due_now(&pool).await;
     }
     assert_eq!(row(&pool, id).await.attempts, 3);
     assert_eq!(waits.len(), 2);
@@ -400,7 +409,7 @@ async fn a_step_that_always_fails_ends_failed_after_max_attempts(pool: PgPool) {
         if status_of(&pool, id).await == "failed" {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        due_now(&pool).await;
     }
     let r = row(&pool, id).await;
     assert_eq!((r.status.as_str(), r.attempts), ("failed", 3));
@@ -421,7 +430,7 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
     )
     .await
     .unwrap();
-    let token = claimed[0].claim_token;
+    let token = claimed[0].fence.token;
     // The lease runs out (as if the holder paused), another instance rescues and reclaims.
     sqlx::query("UPDATE pack_environment SET lease_expires_at = now() - interval '1 second'")
         .execute(&pool)
@@ -439,11 +448,14 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
     .unwrap();
     assert_eq!(again.len(), 1);
     // The first holder's result and heartbeat now match nothing.
-    assert!(
-        !packenvd::store::finish_ready(&pool, id, token, None, "late", &json!({}), None)
-            .await
-            .unwrap()
-    );
+    let late = packenvd::store::Transition::Ready {
+        env_path: None,
+        metadata: json!({}),
+        fingerprint: None,
+        log: "late".into(),
+    };
+    let fence = packenvd::store::Fence { id, token };
+    assert!(!packenvd::store::finish(&pool, fence, late).await.unwrap());
     assert!(
         packenvd::store::heartbeat(&pool, &[token], Duration::from_secs(60))
             .await
@@ -453,7 +465,7 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
     let r = row(&pool, id).await;
     assert_eq!(
         (r.status.as_str(), r.claim_token),
-        ("installing", Some(again[0].claim_token))
+        ("installing", Some(again[0].fence.token))
     );
     // A rescue never touches a row whose lease is still running.
     assert_eq!(packenvd::store::rescue_expired(&pool, 3).await.unwrap(), 0);

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use packenvd::gc::{self, GcConfig};
-use packenvd::worker::Shutdown;
 use sqlx::PgPool;
 
 /// A pack `p` whose requirements install the fixture wheel at `version` from `wheels`, offline.
@@ -339,10 +338,10 @@ async fn a_request_with_unchanged_inputs_finishes_without_running_a_step(pool: P
     let (pack, wheels, id, built) = ready_python_pack(&pool, &env).await;
 
     let worker = env.worker(&pool);
-    let shutdown = Shutdown::default();
+    let shutdown = worker.shutdown();
     let daemon = tokio::spawn({
         let s = shutdown.clone();
-        async move { worker.run(s, false).await }
+        async move { worker.run(&s, false).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     let asked = Instant::now();

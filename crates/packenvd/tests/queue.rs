@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 use packenvd::store;
-use packenvd::worker::Shutdown;
 use sqlx::PgPool;
 
 /// Claims `batch` rows at a time as `instance` until nothing is left; returns the ids.
@@ -25,7 +24,7 @@ async fn claim_until_empty(pool: &PgPool, instance: &str, batch: i64) -> Vec<i64
         if rows.is_empty() {
             return got;
         }
-        got.extend(rows.into_iter().map(|r| r.id));
+        got.extend(rows.into_iter().map(|c| c.row.id));
     }
 }
 
@@ -85,7 +84,7 @@ async fn a_claim_takes_no_more_rows_than_asked_sets_the_lease_and_places_the_env
     .unwrap();
     assert_eq!((installing, leased), (2, 2));
     // env_path is assigned at claim from the daemon's envs root...
-    let paths: Vec<Option<String>> = rows.iter().map(|r| r.env_path.clone()).collect();
+    let paths: Vec<Option<String>> = rows.iter().map(|c| c.row.env_path.clone()).collect();
     assert_eq!(
         paths,
         [
@@ -110,7 +109,7 @@ async fn a_claim_takes_no_more_rows_than_asked_sets_the_lease_and_places_the_env
     .await
     .unwrap();
     assert_eq!(shell.len(), 1);
-    assert_eq!(shell[0].env_path, None);
+    assert_eq!(shell[0].row.env_path, None);
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -136,7 +135,7 @@ async fn outdated_rows_are_claimed_like_pending_ones(pool: PgPool) {
     )
     .await
     .unwrap();
-    assert_eq!(claimed.iter().map(|r| r.id).collect::<Vec<_>>(), [id]);
+    assert_eq!(claimed.iter().map(|c| c.row.id).collect::<Vec<_>>(), [id]);
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -164,20 +163,36 @@ async fn the_claim_reads_the_partial_index_even_on_an_all_pending_table(pool: Pg
             .execute(&pool)
             .await
             .unwrap();
-        let plan: Vec<(String,)> = sqlx::query_as(
-            "EXPLAIN SELECT id FROM pack_environment
-             WHERE status IN ('pending', 'outdated') AND run_after <= now()
-             ORDER BY run_after, id LIMIT 8 FOR UPDATE SKIP LOCKED",
-        )
-        .fetch_all(&pool)
-        .await
-        .unwrap();
-        let plan: String = plan.into_iter().map(|(l,)| l + "\n").collect();
+        // The claim statement itself, as the daemon sends it.
+        let plan: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN {}", store::CLAIM_SQL))
+            .bind("explain")
+            .bind(60.0f64)
+            .bind(8i64)
+            .bind("/envs")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+        let lines: Vec<String> = plan.into_iter().map(|(l,)| l).collect();
+        let text = lines.join("\n");
+        // The CTE's subtree: the lines below "CTE c", indented deeper than it.
+        let start = lines
+            .iter()
+            .position(|l| l.trim_start().starts_with("CTE c"))
+            .unwrap_or_else(|| panic!("no CTE in the plan:\n{text}"));
+        let depth = |l: &str| l.len() - l.trim_start().len();
+        let cte: Vec<&String> = lines[start + 1..]
+            .iter()
+            .take_while(|l| depth(l) > depth(&lines[start]))
+            .collect();
+        let cte_text: String = cte.iter().map(|l| format!("{l}\n")).collect();
         assert!(
-            plan.contains("pack_environment_claimable_idx"),
-            "finished={finished}:\n{plan}"
+            cte_text.contains("pack_environment_claimable_idx"),
+            "finished={finished}:\n{text}"
         );
-        assert!(!plan.contains("Sort"), "the index gives the order:\n{plan}");
+        assert!(
+            !cte_text.contains("Sort"),
+            "the index gives the order:\n{text}"
+        );
     }
 }
 
@@ -192,10 +207,10 @@ async fn an_operator_reset_is_picked_up_within_a_second_by_notify(pool: PgPool) 
     assert_eq!(row(&pool, id).await.status, "ready");
 
     let worker = env.worker(&pool);
-    let shutdown = Shutdown::default();
+    let shutdown = worker.shutdown();
     let daemon = tokio::spawn({
         let s = shutdown.clone();
-        async move { worker.run(s, false).await }
+        async move { worker.run(&s, false).await }
     });
     // Let the daemon reach its idle wait (its first claim finds nothing).
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -17,38 +17,16 @@ pub struct BuildTimes {
     pub direct: Vec<Duration>,
 }
 
-/// The environment packenvd gives its steps (README: scrubbed, caches under cache_dir, no
-/// prompts, no version checks, no bytecode), so the direct run differs only by the daemon.
+/// The environment packenvd gives its steps (the same function the daemon calls), so the
+/// direct run differs only by the daemon.
 fn step_env(cache_dir: &Path) -> Vec<(String, String)> {
-    let mut env: Vec<(String, String)> = Vec::new();
-    let mut keep = vec!["PATH", "HOME", "LANG"];
-    keep.extend(packenvd::config::DEFAULT_PASSTHROUGH);
-    for key in keep {
-        if let Ok(v) = std::env::var(key) {
-            env.push((key.to_owned(), v));
-        }
-    }
-    if !env.iter().any(|(k, _)| k == "LANG") {
-        env.push(("LANG".into(), "C.UTF-8".into()));
-    }
-    for (k, sub) in [
-        ("PIP_CACHE_DIR", "pip"),
-        ("npm_config_cache", "npm"),
-        ("UV_CACHE_DIR", "uv"),
-    ] {
-        env.push((k.into(), cache_dir.join(sub).display().to_string()));
-    }
-    for (k, v) in [
-        ("PIP_NO_INPUT", "1"),
-        ("PIP_DISABLE_PIP_VERSION_CHECK", "1"),
-        ("npm_config_update_notifier", "false"),
-        ("npm_config_fund", "false"),
-        ("npm_config_audit", "false"),
-        ("PYTHONDONTWRITEBYTECODE", "1"),
-    ] {
-        env.push((k.into(), v.into()));
-    }
-    env
+    let passthrough: Vec<String> = packenv_core::probe::DEFAULT_PASSTHROUGH
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    packenv_core::probe::step_environment(&passthrough, cache_dir)
+        .into_iter()
+        .collect()
 }
 
 /// The core.python steps and executable checks, run by the harness itself.

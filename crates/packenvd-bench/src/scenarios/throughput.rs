@@ -143,17 +143,14 @@ pub async fn raw_throughput(
                     if claimed.is_empty() {
                         return Ok::<_, sqlx::Error>(());
                     }
-                    for row in claimed {
-                        packenvd::store::finish_ready(
-                            &pool,
-                            row.id,
-                            row.claim_token,
-                            None,
-                            "runtime core.shell needs no environment\n",
-                            &metadata,
-                            None,
-                        )
-                        .await?;
+                    for claim in claimed {
+                        let ready = packenvd::store::Transition::Ready {
+                            env_path: None,
+                            metadata: (*metadata).clone(),
+                            fingerprint: None,
+                            log: "runtime core.shell needs no environment\n".into(),
+                        };
+                        packenvd::store::finish(&pool, claim.fence, ready).await?;
                     }
                 }
             });

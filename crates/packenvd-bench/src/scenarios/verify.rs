@@ -37,7 +37,7 @@ fn daemon_settings(
         ("instance_name", name.to_owned()),
     ]);
     let env = BTreeMap::from([("DATABASE_URL".to_string(), url.to_owned())]);
-    let (settings, _) = packenvd::config::Settings::load(
+    let settings = packenvd::config::Settings::load(
         packenvd::config::Layers {
             file: Some(dirs.config.clone()),
             flags,
@@ -45,7 +45,8 @@ fn daemon_settings(
         },
         true,
     )
-    .map_err(|e| anyhow::anyhow!("settings: {e}"))?;
+    .map_err(|e| anyhow::anyhow!("settings: {e}"))?
+    .settings;
     Ok(settings)
 }
 

@@ -35,7 +35,7 @@ impl Env {
             flags.insert(k, v.to_string());
         }
         let env = BTreeMap::from([("DATABASE_URL".to_string(), "postgres://unused".to_string())]);
-        let (settings, _) = Settings::load(
+        let settings = Settings::load(
             Layers {
                 file: None,
                 flags,
@@ -43,7 +43,8 @@ impl Env {
             },
             true,
         )
-        .expect("settings");
+        .expect("settings")
+        .settings;
         std::fs::create_dir_all(dir.path().join("packs")).expect("packs dir");
         Env { dir, settings }
     }

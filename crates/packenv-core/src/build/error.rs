@@ -1,0 +1,190 @@
+//! Why a build did not produce an environment, kept typed so that the retry decision and the
+//! message an operator reads come from the same value.
+
+use std::path::PathBuf;
+
+use crate::layout::LayoutError;
+use crate::runner::Outcome;
+use crate::spec::SpecError;
+use crate::template::TemplateError;
+
+/// Installer output that says the package does not exist or cannot be resolved: another try
+/// will not help.
+const PERMANENT_MARKERS: &[&str] = &[
+    "No matching distribution found",
+    "Could not find a version that satisfies",
+    "ResolutionImpossible",
+    "Invalid requirement",
+    "npm error code E404",
+    "npm ERR! code E404",
+    "npm error code ETARGET",
+    "npm ERR! code ETARGET",
+    "No solution found when resolving",
+];
+
+/// A build that ended without an environment.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// `runtime.installers` is not a spec packenvd can read.
+    #[error("runtime {runtime}: {source}")]
+    Spec {
+        runtime: String,
+        #[source]
+        source: SpecError,
+    },
+    /// A template in the spec does not render (unknown variable, unclosed brace).
+    #[error("runtime {runtime}: {field}: {source}")]
+    Template {
+        runtime: String,
+        /// Where in the spec, e.g. `step 'install', args[2]`.
+        field: String,
+        #[source]
+        source: TemplateError,
+    },
+    /// The pack ref, runtime name or `env_path` is unsafe, or the build directory cannot be
+    /// placed under the envs root.
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    /// The pack's files are not where the row says.
+    #[error("pack directory {} does not exist or is not a directory", path.display())]
+    PackMissing { path: PathBuf },
+    /// A step failed: its name, its command, how it ended, and the output's tail.
+    #[error("step '{name}' (`{command}`) {outcome}.\n--- output tail ---\n{tail}")]
+    Step {
+        name: String,
+        command: String,
+        outcome: Outcome,
+        tail: String,
+    },
+    /// A step's command is a bare name that is not on the steps' PATH.
+    #[error("step '{name}': `{program}` not found on PATH (PATH={path})")]
+    CommandNotFound {
+        name: String,
+        program: String,
+        path: String,
+    },
+    /// The steps succeeded but an executable the runtime promises does not run.
+    #[error(
+        "executable '{name}' ({template}) does not run: {failure}.\n--- output tail ---\n{tail}"
+    )]
+    Executable {
+        name: String,
+        template: String,
+        failure: String,
+        tail: String,
+    },
+    /// The file system refused something packenvd needed (a manifest, a cache directory).
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// Shutdown or a lost claim stopped the build; it is not an attempt that failed.
+    #[error("the build was cancelled (shutdown, or its claim was lost)")]
+    Cancelled,
+}
+
+impl BuildError {
+    /// Whether another attempt may succeed: network trouble, a timeout, a pack whose files are
+    /// still being copied. A bad spec, an unsafe path, a missing command or a package that does
+    /// not exist will fail the same way again.
+    pub fn retryable(&self) -> bool {
+        match self {
+            BuildError::Spec { .. }
+            | BuildError::Template { .. }
+            | BuildError::CommandNotFound { .. }
+            | BuildError::Executable { .. }
+            | BuildError::Cancelled => false,
+            BuildError::Layout(e) => !matches!(
+                e,
+                LayoutError::OutsideRoot { .. }
+                    | LayoutError::BadPackRef(_)
+                    | LayoutError::BadRuntimeName(_)
+                    | LayoutError::BadEnvPath(_)
+            ),
+            BuildError::PackMissing { .. } | BuildError::Io { .. } => true,
+            BuildError::Step { outcome, tail, .. } => match outcome {
+                Outcome::SpawnFailed(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::PermissionDenied
+                ),
+                Outcome::TimedOut(_) => true,
+                _ => !PERMANENT_MARKERS.iter().any(|m| tail.contains(m)),
+            },
+        }
+    }
+
+    /// A short label for metrics and logs: which kind of failure, never a message.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            BuildError::Spec { .. } => "spec",
+            BuildError::Template { .. } => "template",
+            BuildError::Layout(_) => "layout",
+            BuildError::PackMissing { .. } => "pack_missing",
+            BuildError::Step { .. } => "step",
+            BuildError::CommandNotFound { .. } => "command_not_found",
+            BuildError::Executable { .. } => "executable",
+            BuildError::Io { .. } => "io",
+            BuildError::Cancelled => "cancelled",
+        }
+    }
+}
+
+/// A failed build and what is still served in its place.
+#[derive(Debug, thiserror::Error)]
+#[error("{error}{}", served.as_ref().map(|b| format!(" The previous build {} is still served.", b.display())).unwrap_or_default())]
+pub struct Failure {
+    #[source]
+    pub error: BuildError,
+    /// The build `env_path` still points at, if any: a failed rebuild leaves it in service.
+    pub served: Option<PathBuf>,
+}
+
+impl From<BuildError> for Failure {
+    fn from(error: BuildError) -> Self {
+        Failure {
+            error,
+            served: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::process::ExitStatusExt;
+
+    fn step(outcome: Outcome, tail: &str) -> BuildError {
+        BuildError::Step {
+            name: "install".into(),
+            command: "pip install".into(),
+            outcome,
+            tail: tail.into(),
+        }
+    }
+
+    #[test]
+    fn a_missing_package_is_permanent_and_a_network_error_is_not() {
+        let exit1 = || Outcome::Exited(std::process::ExitStatus::from_raw(1 << 8));
+        assert!(!step(exit1(), "ERROR: No matching distribution found for x").retryable());
+        assert!(step(exit1(), "Connection reset by peer").retryable());
+        assert!(step(Outcome::TimedOut(std::time::Duration::from_secs(1)), "").retryable());
+        let missing = std::io::Error::from(std::io::ErrorKind::NotFound);
+        assert!(!step(Outcome::SpawnFailed(missing), "").retryable());
+        assert!(BuildError::PackMissing { path: "/p".into() }.retryable());
+    }
+
+    #[test]
+    fn a_failure_says_which_build_is_still_served() {
+        let f = Failure {
+            error: BuildError::PackMissing { path: "/p".into() },
+            served: Some("/envs/p/.python-1".into()),
+        };
+        assert_eq!(
+            f.to_string(),
+            "pack directory /p does not exist or is not a directory The previous build /envs/p/.python-1 is still served."
+        );
+    }
+}

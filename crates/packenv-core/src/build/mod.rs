@@ -1,0 +1,397 @@
+//! One build: turns a [`Target`] into a finished build directory, with no database access.
+//! Everything that can be checked (the spec, path safety, every template) is checked before the
+//! first command runs.
+//!
+//! A build never changes what `env_path` serves by itself: it returns a [`Switch`], and the
+//! daemon applies it while it holds the row's claim (DESIGN §6, "fencing reaches the disk").
+
+mod error;
+mod plan;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+pub use error::{BuildError, Failure};
+pub use plan::{parse_spec, Plan, PlannedStep};
+
+use crate::fingerprint::{fingerprint, inputs_digest};
+use crate::layout::{self, EnvLocation, LayoutError};
+use crate::log::{tail_lines, BuildLog};
+use crate::runner::{self, Outcome};
+use crate::target::{BuildConfig, Target};
+use crate::{blocking, probe};
+
+/// How long an executable may take to answer `--version` at the end of a build.
+const EXECUTABLE_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What a successful build produced.
+#[derive(Debug)]
+pub enum Built {
+    /// The runtime needs no environment (shell, native): nothing on disk.
+    NoEnvironment { metadata: serde_json::Value },
+    /// A new build directory, complete and checked, not yet served.
+    Ready(Ready),
+    /// A request whose inputs match the current build, which still runs: nothing was built.
+    Unchanged,
+}
+
+/// A finished build waiting to be switched in.
+#[derive(Debug)]
+pub struct Ready {
+    /// `<envs_root>/<pack_ref>/<runtime>`: the link the switch points at the build.
+    pub env_path: String,
+    pub metadata: serde_json::Value,
+    pub fingerprint: String,
+    pub switch: Switch,
+}
+
+/// Points `env_path` at a finished build, or throws the build away.
+#[derive(Debug, Clone)]
+pub struct Switch {
+    loc: EnvLocation,
+    build_dir: PathBuf,
+}
+
+impl Switch {
+    pub fn build_dir(&self) -> &Path {
+        &self.build_dir
+    }
+
+    /// Makes the build the one `env_path` serves (blocking: call it off the async threads);
+    /// returns the build served before. The build it replaces is marked superseded, which
+    /// starts the collector's grace.
+    pub fn apply(&self) -> Result<Option<PathBuf>, LayoutError> {
+        let previous = self.loc.current_build();
+        if let Some(aside) = self.loc.switch_to(&self.build_dir)? {
+            tracing::warn!(moved_to = %aside.display(), "a real directory stood at env_path; moved it aside");
+        }
+        if let Some(old) = previous.as_ref().filter(|p| **p != self.build_dir) {
+            mark_superseded(old);
+        }
+        Ok(previous)
+    }
+
+    /// Undoes [`Switch::apply`] when the write that should have recorded it failed: `env_path`
+    /// serves `previous` again (blocking).
+    pub fn revert(&self, previous: Option<&Path>) {
+        let result = match previous {
+            Some(p) if p != self.build_dir => self.loc.switch_to(p).map(|_| ()),
+            Some(_) => Ok(()),
+            None => std::fs::remove_file(&self.loc.env_path).map_err(|source| LayoutError::Io {
+                what: "cannot remove",
+                path: self.loc.env_path.clone(),
+                source,
+            }),
+        };
+        if let Err(e) = result {
+            tracing::warn!(env_path = %self.loc.env_path.display(), error = %e, "cannot undo a switch");
+        }
+    }
+
+    /// Removes the build: its claim was lost, or it was never to be served (blocking).
+    pub fn discard(&self) {
+        if self.loc.current_build().as_deref() == Some(self.build_dir.as_path()) {
+            return;
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.build_dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(build_dir = %self.build_dir.display(), error = %e, "cannot remove a discarded build");
+            }
+        }
+    }
+}
+
+/// Builds `target` into a new build directory named after `token`. With `reuse_if_current`
+/// (a request, not a reset), a current build whose inputs are unchanged answers instead.
+/// Output goes to `log`; `cancel` kills the running step.
+pub async fn run(
+    cfg: &BuildConfig,
+    target: &Target,
+    token: &str,
+    reuse_if_current: bool,
+    log: &BuildLog,
+    cancel: &CancellationToken,
+) -> Result<Built, Failure> {
+    let (installers, spec) = parse_spec(target)?;
+    layout::validate_pack_ref(&target.pack_ref).map_err(BuildError::from)?;
+    if !spec.requires_environment {
+        log.line(&format!(
+            "runtime {} needs no environment",
+            target.runtime_ref
+        ));
+        return Ok(Built::NoEnvironment {
+            metadata: json!({"requires_environment": false, "runtime": target.runtime_ref}),
+        });
+    }
+    let loc = EnvLocation::new(
+        &cfg.envs_root,
+        &target.pack_ref,
+        &target.runtime_name,
+        target.env_path.as_deref(),
+    )
+    .map_err(BuildError::from)?;
+    let build_dir = loc.build_dir(token);
+    let plan = Plan::new(cfg, target, installers, &spec, &loc, &build_dir)?;
+    let pack_path = plan.pack_path.clone();
+    if !blocking(move || pack_path.is_dir()).await {
+        // Retryable: a platform may insert the row before its copy of the pack's files is done.
+        return Err(BuildError::PackMissing {
+            path: plan.pack_path.clone(),
+        }
+        .into());
+    }
+
+    if reuse_if_current {
+        if current_build_matches(cfg, target, &spec, &loc, &plan, cancel).await {
+            log.line("==> inputs unchanged since the current build (fingerprint matches): already up to date");
+            return Ok(Built::Unchanged);
+        }
+        log.line("==> inputs changed since the current build (or it no longer runs): rebuilding");
+    }
+    // Read before the steps run: the fingerprint describes the inputs this build started from.
+    let inputs = digest(&plan).await?;
+
+    let switch = Switch {
+        loc: loc.clone(),
+        build_dir: build_dir.clone(),
+    };
+    let prepared = {
+        let (cache_dir, envs_root, loc, token) = (
+            plan.cache_dir.clone(),
+            cfg.envs_root.clone(),
+            loc.clone(),
+            token.to_owned(),
+        );
+        blocking(move || {
+            for dir in [&cache_dir, &envs_root] {
+                std::fs::create_dir_all(dir).map_err(|source| BuildError::Io {
+                    what: "cannot create",
+                    path: dir.clone(),
+                    source,
+                })?;
+            }
+            loc.create_build_dir(&envs_root, &token)
+                .map_err(BuildError::from)
+        })
+        .await
+    };
+    let result = match prepared {
+        Ok(_) => run_plan(&plan, &build_dir, log, cancel).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(executables) => {
+            let version = probe::interpreter(&executables).map(|(_, (_, v))| v.as_str());
+            let fingerprint = fingerprint(&inputs, version);
+            Ok(Built::Ready(Ready {
+                env_path: loc.env_path.display().to_string(),
+                metadata: metadata(&build_dir, token, &plan, &executables),
+                fingerprint,
+                switch,
+            }))
+        }
+        Err(error) => {
+            // A failed build is never served, so it goes at once (DESIGN §4).
+            let (s, l) = (switch.clone(), loc.clone());
+            let served = blocking(move || {
+                s.discard();
+                l.current_build()
+            })
+            .await;
+            Err(Failure { error, served })
+        }
+    }
+}
+
+async fn digest(plan: &Plan) -> Result<String, BuildError> {
+    let (installers, pack_path) = (plan.installers.clone(), plan.pack_path.clone());
+    blocking(move || {
+        inputs_digest(&installers, &pack_path).map_err(|source| BuildError::Io {
+            what: "cannot read the pack's manifests in",
+            path: pack_path,
+            source,
+        })
+    })
+    .await
+}
+
+/// What the row's `metadata` records of a build: where it is and what to start. Actions must
+/// start from the build directory, never through the `env_path` link: a process started through
+/// the link would load modules of the next build after a switch.
+fn metadata(
+    build_dir: &Path,
+    token: &str,
+    plan: &Plan,
+    executables: &BTreeMap<String, (String, String)>,
+) -> serde_json::Value {
+    let interpreter = probe::interpreter(executables).map(|(_, (_, v))| v.clone());
+    json!({
+        "build_dir": build_dir.display().to_string(),
+        "build_id": token,
+        "executables": executables.iter().map(|(k, (p, _))| (k.clone(), p.clone())).collect::<BTreeMap<_, _>>(),
+        "versions": executables.iter().map(|(k, (_, v))| (k.clone(), v.clone())).collect::<BTreeMap<_, _>>(),
+        "interpreter_version": interpreter,
+        "env_vars": plan.env_vars,
+    })
+}
+
+/// Runs the steps, then checks the executables. Ok holds each executable's resolved path and
+/// the first line of its `--version`.
+async fn run_plan(
+    plan: &Plan,
+    build_dir: &Path,
+    log: &BuildLog,
+    cancel: &CancellationToken,
+) -> Result<BTreeMap<String, (String, String)>, BuildError> {
+    let total = plan.steps.len();
+    for (i, step) in plan.steps.iter().enumerate() {
+        if let Some(cond) = &step.condition {
+            let c = cond.clone();
+            if !blocking(move || c.exists()).await {
+                log.line(&format!(
+                    "==> step {}/{total} '{}' skipped: {} does not exist",
+                    i + 1,
+                    step.name,
+                    cond.display()
+                ));
+                continue;
+            }
+        }
+        log.line(&format!(
+            "==> step {}/{total} '{}': {}",
+            i + 1,
+            step.name,
+            step.inv.display()
+        ));
+        if probe::resolve_executable(&step.inv.program, plan.path_var()).is_none() {
+            return Err(BuildError::CommandNotFound {
+                name: step.name.clone(),
+                program: step.inv.program.clone(),
+                path: plan.path_var().to_owned(),
+            });
+        }
+        let started = Instant::now();
+        let outcome = runner::run(&step.inv, log, cancel).await;
+        let took =
+            humantime::format_duration(Duration::from_millis(started.elapsed().as_millis() as u64));
+        if outcome.success() {
+            log.line(&format!("==> step '{}' succeeded in {took}", step.name));
+            continue;
+        }
+        if matches!(outcome, Outcome::Cancelled) {
+            log.line(&format!("==> step '{}' {outcome}", step.name));
+            return Err(BuildError::Cancelled);
+        }
+        let sentence = format!("step '{}' (`{}`) {outcome}", step.name, step.inv.display());
+        if step.optional {
+            log.line(&format!("==> optional {sentence} after {took}; skipped"));
+            continue;
+        }
+        log.line(&format!("==> {sentence} after {took}"));
+        return Err(BuildError::Step {
+            name: step.name.clone(),
+            command: step.inv.display(),
+            outcome,
+            tail: tail_lines(&log.render(), 20, 4000),
+        });
+    }
+
+    let mut found = BTreeMap::new();
+    for (name, exe) in &plan.executables {
+        let Some(path) = probe::resolve_executable(exe, plan.path_var()) else {
+            return Err(BuildError::Executable {
+                name: name.clone(),
+                template: exe.clone(),
+                failure: format!("`{exe}` not found on PATH (PATH={})", plan.path_var()),
+                tail: String::new(),
+            });
+        };
+        let path = path.display().to_string();
+        match probe::executable_version(
+            &path,
+            build_dir,
+            &plan.base_env,
+            EXECUTABLE_CHECK_TIMEOUT,
+            cancel,
+        )
+        .await
+        {
+            Ok(version) => {
+                log.line(&format!("==> executable '{name}': {path} ({version})"));
+                found.insert(name.clone(), (path, version));
+            }
+            Err(f) if matches!(f.outcome, Outcome::Cancelled) => return Err(BuildError::Cancelled),
+            Err(f) => {
+                return Err(BuildError::Executable {
+                    name: name.clone(),
+                    template: exe.clone(),
+                    tail: tail_lines(&f.output, 10, 2000),
+                    failure: f.to_string(),
+                })
+            }
+        }
+    }
+    Ok(found)
+}
+
+/// The request fast path: the current build is the one the row records, its interpreter still
+/// runs, and the fingerprint of today's inputs equals the row's.
+async fn current_build_matches(
+    cfg: &BuildConfig,
+    target: &Target,
+    spec: &crate::spec::RuntimeSpec,
+    loc: &EnvLocation,
+    plan: &Plan,
+    cancel: &CancellationToken,
+) -> bool {
+    let Some(recorded) = target.fingerprint.as_deref() else {
+        return false;
+    };
+    let l = loc.clone();
+    let Some(current) = blocking(move || l.current_build()).await else {
+        return false;
+    };
+    if target.metadata()["build_dir"].as_str() != Some(&*current.to_string_lossy()) {
+        return false;
+    }
+    // The executables as the spec names them in the current build, never as metadata says.
+    let Ok(current_plan) = Plan::new(cfg, target, plan.installers.clone(), spec, loc, &current)
+    else {
+        return false;
+    };
+    let version = match probe::interpreter(&current_plan.executables) {
+        None => None,
+        Some((_, exe)) => {
+            let Some(path) = probe::resolve_executable(exe, plan.path_var()) else {
+                return false;
+            };
+            match probe::executable_version(
+                &path.display().to_string(),
+                &current,
+                &plan.base_env,
+                EXECUTABLE_CHECK_TIMEOUT,
+                cancel,
+            )
+            .await
+            {
+                Ok(v) => Some(v),
+                Err(_) => return false,
+            }
+        }
+    };
+    digest(plan)
+        .await
+        .is_ok_and(|d| fingerprint(&d, version.as_deref()) == recorded)
+}
+
+/// Sets a build directory's modification time to now; the collector measures its grace from it.
+pub fn mark_superseded(dir: &Path) {
+    let now = std::time::SystemTime::now();
+    if let Err(e) = std::fs::File::open(dir).and_then(|f| f.set_modified(now)) {
+        tracing::warn!(build_dir = %dir.display(), error = %e, "cannot mark the old build as superseded");
+    }
+}

@@ -1,0 +1,158 @@
+//! A build's plan: the spec parsed and every template rendered for one build directory, before
+//! anything runs. A typo in a runtime's JSON fails here, not halfway through the steps.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::build::BuildError;
+use crate::layout::EnvLocation;
+use crate::probe;
+use crate::runner::Invocation;
+use crate::spec::RuntimeSpec;
+use crate::target::{BuildConfig, Target};
+use crate::template::Vars;
+
+/// A step with every template rendered.
+#[derive(Debug, Clone)]
+pub struct PlannedStep {
+    pub name: String,
+    pub optional: bool,
+    /// Absolute path that must exist for the step to run.
+    pub condition: Option<PathBuf>,
+    pub inv: Invocation,
+}
+
+/// Everything a build of one target into one build directory will do and promise.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The installers JSON as parsed, for the fingerprint.
+    pub installers: serde_json::Value,
+    pub requires_environment: bool,
+    pub steps: Vec<PlannedStep>,
+    /// Executable name → rendered template (a path, or a bare command looked up on PATH).
+    pub executables: BTreeMap<String, String>,
+    /// Variables an action runner sets, rendered.
+    pub env_vars: BTreeMap<String, String>,
+    /// The environment every step starts with.
+    pub base_env: BTreeMap<String, String>,
+    pub pack_path: PathBuf,
+    pub cache_dir: PathBuf,
+}
+
+/// Parses a target's installers JSON text (serde_json refuses nesting deeper than 128, which
+/// is a spec error of this row like any other).
+pub fn parse_spec(target: &Target) -> Result<(serde_json::Value, RuntimeSpec), BuildError> {
+    let spec_error = |path: &str, message: String| BuildError::Spec {
+        runtime: target.runtime_ref.clone(),
+        source: crate::spec::SpecError {
+            path: path.into(),
+            message,
+        },
+    };
+    let value: serde_json::Value = serde_json::from_str(&target.installers)
+        .map_err(|e| spec_error("(top level)", e.to_string()))?;
+    let spec = RuntimeSpec::from_json(&value).map_err(|source| BuildError::Spec {
+        runtime: target.runtime_ref.clone(),
+        source,
+    })?;
+    Ok((value, spec))
+}
+
+impl Plan {
+    /// Parses `target`'s spec and renders it for a build in `build_dir`.
+    pub fn render(
+        cfg: &BuildConfig,
+        target: &Target,
+        loc: &EnvLocation,
+        build_dir: &Path,
+    ) -> Result<Plan, BuildError> {
+        let (installers, spec) = parse_spec(target)?;
+        Plan::new(cfg, target, installers, &spec, loc, build_dir)
+    }
+
+    /// Renders an already parsed spec for a build of `target` in `build_dir`.
+    pub fn new(
+        cfg: &BuildConfig,
+        target: &Target,
+        installers: serde_json::Value,
+        spec: &RuntimeSpec,
+        loc: &EnvLocation,
+        build_dir: &Path,
+    ) -> Result<Plan, BuildError> {
+        let pack_path = probe::pack_path(
+            &cfg.packs_dir,
+            &target.pack_ref,
+            target.storage_path.as_deref(),
+        );
+        let cache_dir = probe::cache_dir(&cfg.cache_dir, loc.name());
+        let mut vars = Vars::default();
+        vars.set("env_path", build_dir.display().to_string())
+            .set("pack_path", pack_path.display().to_string())
+            .set("pack_ref", target.pack_ref.clone())
+            .set("runtime_ref", target.runtime_ref.clone())
+            .set("runtime_name", target.runtime_name.clone())
+            .set("runtime_name_lower", target.runtime_name.to_lowercase())
+            .set("cache_dir", cache_dir.display().to_string());
+        let base_env = probe::step_environment(&cfg.env_passthrough, &cache_dir);
+        let template = |field: String, t: &str| {
+            vars.render(t).map_err(|source| BuildError::Template {
+                runtime: target.runtime_ref.clone(),
+                field,
+                source,
+            })
+        };
+        let mut steps = Vec::with_capacity(spec.steps.len());
+        for step in &spec.steps {
+            let r = |field: &str, t: &str| template(format!("step '{}', {field}", step.name), t);
+            let mut env = base_env.clone();
+            for (k, v) in &step.env {
+                env.insert(k.clone(), r(&format!("env.{k}"), v)?);
+            }
+            let cwd = match &step.cwd {
+                Some(c) => pack_path.join(r("cwd", c)?),
+                None => pack_path.clone(),
+            };
+            steps.push(PlannedStep {
+                name: step.name.clone(),
+                optional: step.optional,
+                condition: step
+                    .condition
+                    .as_ref()
+                    .map(|c| r("condition.file_exists", &c.file_exists).map(|p| pack_path.join(p)))
+                    .transpose()?,
+                inv: Invocation {
+                    program: r("command", &step.command)?,
+                    args: step
+                        .args
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| r(&format!("args[{i}]"), a))
+                        .collect::<Result<_, _>>()?,
+                    cwd,
+                    env,
+                    timeout: step.timeout.unwrap_or(cfg.step_timeout),
+                },
+            });
+        }
+        let render_map = |what: &str, m: &BTreeMap<String, String>| {
+            m.iter()
+                .map(|(k, v)| Ok((k.clone(), template(format!("{what}.{k}"), v)?)))
+                .collect::<Result<BTreeMap<_, _>, BuildError>>()
+        };
+        Ok(Plan {
+            requires_environment: spec.requires_environment,
+            executables: render_map("executable_templates", &spec.executable_templates)?,
+            env_vars: render_map("env_vars", &spec.env_vars)?,
+            steps,
+            base_env,
+            pack_path,
+            cache_dir,
+            installers,
+        })
+    }
+
+    /// The PATH steps and executables are looked up on.
+    pub fn path_var(&self) -> &str {
+        self.base_env.get("PATH").map_or("", String::as_str)
+    }
+}

@@ -1,0 +1,221 @@
+//! The checks of a ready environment (DESIGN §7), cheapest first: the link, the executables, the
+//! inputs, the installed packages. No database: the `packenvd` crate takes the rows and writes
+//! the results.
+//!
+//! What runs is derived from the runtime's spec and the build directory the link names, never
+//! from the row's `metadata` (DESIGN §6: no path is run because a row names it).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::build::{parse_spec, BuildError, Plan};
+use crate::fingerprint::{fingerprint, inputs_digest};
+use crate::layout::{EnvLocation, LayoutError};
+use crate::log::{tail_lines, BuildLog};
+use crate::runner::{self, Invocation};
+use crate::target::{BuildConfig, Target};
+use crate::{blocking, probe};
+
+/// Which check failed and what it saw, in one sentence.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    #[error("the row has no env_path")]
+    NoEnvPath,
+    #[error("the runtime's spec: {0}")]
+    Spec(#[source] BuildError),
+    #[error(transparent)]
+    Layout(#[from] LayoutError),
+    #[error("env_path {0} does not point to a build directory")]
+    NotABuild(String),
+    #[error("cannot resolve {}: {source}", path.display())]
+    Resolve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("env_path {env_path} resolves to {}, outside the envs root", real.display())]
+    OutsideRoot { env_path: String, real: PathBuf },
+    #[error("env_path {env_path} points to {}, but the row records {recorded:?}", build.display())]
+    NotRecorded {
+        env_path: String,
+        build: PathBuf,
+        recorded: Option<String>,
+    },
+    #[error("executable '{name}' ({path}) is missing")]
+    ExecutableMissing { name: String, path: String },
+    #[error("executable '{name}' does not run: {failure}: {tail}")]
+    ExecutableFails {
+        name: String,
+        failure: String,
+        tail: String,
+    },
+    #[error("inputs changed: the interpreter is now {now:?}, the build was made with {was:?}")]
+    InterpreterChanged { now: String, was: String },
+    #[error("inputs changed: the runtime's installer spec or the pack's dependency manifests differ from the build's")]
+    InputsChanged,
+    #[error("cannot read the pack's manifests in {}: {source}", path.display())]
+    Manifests {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{command}` {outcome}: {tail}")]
+    PipCheck {
+        command: String,
+        outcome: String,
+        tail: String,
+    },
+}
+
+/// Settings of the checks.
+#[derive(Debug, Clone)]
+pub struct CheckConfig {
+    pub build: BuildConfig,
+    /// Limit of each check command; past it the check fails.
+    pub timeout: Duration,
+    /// Whether Python environments with pip also run `pip check`.
+    pub pip_check: bool,
+}
+
+/// Runs every check of `target`'s environment; Err names the first that failed.
+pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError> {
+    let (installers, spec) = parse_spec(target).map_err(CheckError::Spec)?;
+    if !spec.requires_environment {
+        return Ok(());
+    }
+    // 1. env_path names a build directory inside the envs root, the one the row records.
+    let env_path = target.env_path.clone().ok_or(CheckError::NoEnvPath)?;
+    let loc = EnvLocation::new(
+        &cfg.build.envs_root,
+        &target.pack_ref,
+        &target.runtime_name,
+        Some(&env_path),
+    )?;
+    let recorded = target.metadata()["build_dir"].as_str().map(str::to_owned);
+    let build = {
+        let (loc, root, env_path, recorded) = (
+            loc.clone(),
+            cfg.build.envs_root.clone(),
+            env_path.clone(),
+            recorded.clone(),
+        );
+        blocking(move || check_link(&loc, &root, &env_path, recorded)).await?
+    };
+
+    // 2. Each executable the spec promises exists in that build and runs.
+    let plan =
+        Plan::new(&cfg.build, target, installers, &spec, &loc, &build).map_err(CheckError::Spec)?;
+    let cancel = CancellationToken::new();
+    let mut versions = BTreeMap::new();
+    let mut paths = BTreeMap::new();
+    for (name, exe) in &plan.executables {
+        let missing = || CheckError::ExecutableMissing {
+            name: name.clone(),
+            path: exe.clone(),
+        };
+        let path = probe::resolve_executable(exe, plan.path_var()).ok_or_else(missing)?;
+        let p = path.clone();
+        if !blocking(move || p.exists()).await {
+            return Err(missing());
+        }
+        let path = path.display().to_string();
+        match probe::executable_version(&path, &build, &plan.base_env, cfg.timeout, &cancel).await {
+            Ok(v) => {
+                versions.insert(name.clone(), v);
+                paths.insert(name.clone(), path);
+            }
+            Err(f) => {
+                return Err(CheckError::ExecutableFails {
+                    name: name.clone(),
+                    tail: tail_lines(&f.output, 3, 400),
+                    failure: f.to_string(),
+                })
+            }
+        }
+    }
+
+    // 3. The inputs are those the build was made from.
+    if let Some(recorded) = &target.fingerprint {
+        let (spec_json, pack_path) = (plan.installers.clone(), plan.pack_path.clone());
+        let digest = blocking(move || {
+            inputs_digest(&spec_json, &pack_path).map_err(|source| CheckError::Manifests {
+                path: pack_path,
+                source,
+            })
+        })
+        .await?;
+        let version = probe::interpreter(&versions).map(|(_, v)| v.as_str());
+        if &fingerprint(&digest, version) != recorded {
+            let metadata = target.metadata();
+            let was = metadata["interpreter_version"].as_str();
+            return Err(match (was, version) {
+                (Some(was), Some(now)) if was != now => CheckError::InterpreterChanged {
+                    now: now.to_owned(),
+                    was: was.to_owned(),
+                },
+                _ => CheckError::InputsChanged,
+            });
+        }
+    }
+
+    // 4. For Python with pip: installed packages are consistent.
+    if cfg.pip_check && paths.contains_key("pip") {
+        if let Some(python) = paths.get("python") {
+            let inv = Invocation {
+                program: python.clone(),
+                args: vec!["-m".into(), "pip".into(), "check".into()],
+                cwd: build.clone(),
+                env: plan.base_env.clone(),
+                timeout: cfg.timeout,
+            };
+            let out = BuildLog::new(8192);
+            let outcome = runner::run(&inv, &out, &cancel).await;
+            if !outcome.success() {
+                return Err(CheckError::PipCheck {
+                    command: inv.display(),
+                    outcome: outcome.to_string(),
+                    tail: tail_lines(&out.render(), 5, 600),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The build directory the link names, if it is inside the envs root and the one recorded.
+fn check_link(
+    loc: &EnvLocation,
+    root: &Path,
+    env_path: &str,
+    recorded: Option<String>,
+) -> Result<PathBuf, CheckError> {
+    let build = loc
+        .current_build()
+        .ok_or_else(|| CheckError::NotABuild(env_path.to_owned()))?;
+    let real = std::fs::canonicalize(&build).map_err(|source| CheckError::Resolve {
+        path: build.clone(),
+        source,
+    })?;
+    let root = std::fs::canonicalize(root).map_err(|source| CheckError::Resolve {
+        path: root.to_owned(),
+        source,
+    })?;
+    if !real.starts_with(&root) {
+        return Err(CheckError::OutsideRoot {
+            env_path: env_path.to_owned(),
+            real,
+        });
+    }
+    let recorded_path = recorded.as_deref().map(Path::new);
+    if recorded_path != Some(real.as_path()) && recorded_path != Some(build.as_path()) {
+        return Err(CheckError::NotRecorded {
+            env_path: env_path.to_owned(),
+            build,
+            recorded,
+        });
+    }
+    Ok(build)
+}

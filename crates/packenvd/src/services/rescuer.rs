@@ -1,0 +1,72 @@
+//! Sends rows whose holder stopped renewing its lease (killed, cut off) back to `pending`, or
+//! to `failed` when their attempts are spent. Any instance may rescue; SKIP LOCKED keeps each
+//! rescue single.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::PgPool;
+
+use crate::ops::Metrics;
+use crate::services::{Live, Service};
+use crate::store;
+
+/// Settings of the rescuer.
+#[derive(Debug, Clone, Copy)]
+pub struct RescuerConfig {
+    /// It looks once per lease: a row is rescued at most one lease after its lease expired, and
+    /// an idle daemon sends one statement per lease for it.
+    pub lease: Duration,
+    /// A rescued row whose attempts reached this is failed instead of retried.
+    pub max_attempts: u32,
+}
+
+impl RescuerConfig {
+    pub fn from(s: &crate::config::Settings) -> Self {
+        RescuerConfig {
+            lease: s.lease,
+            max_attempts: s.max_attempts,
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Rescuer {
+    pub pool: PgPool,
+    pub settings: Live,
+    pub metrics: Arc<Metrics>,
+}
+
+impl Rescuer {
+    fn config(&self) -> RescuerConfig {
+        RescuerConfig::from(&self.settings.borrow())
+    }
+}
+
+impl Service for Rescuer {
+    /// Rows rescued.
+    type Report = u64;
+    const NAME: &'static str = "rescuer";
+    const RUN_AT_START: bool = true;
+
+    fn period(&self) -> Duration {
+        self.config().lease
+    }
+
+    async fn run_once(&self) -> Result<u64, crate::Error> {
+        let n = store::rescue_expired(&self.pool, self.config().max_attempts)
+            .await
+            .map_err(|e| {
+                self.metrics.db_errors.inc();
+                crate::Error::db("rescuing rows with expired leases")(e)
+            })?;
+        self.metrics.rescued.inc_by(n);
+        Ok(n)
+    }
+
+    fn log(&self, rescued: &u64) {
+        if *rescued > 0 {
+            tracing::warn!(rows = rescued, "rescued rows whose lease expired");
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! Every SQL statement of packenvd, one function each, and the state machine they make.
+//! Queries are checked at run time (`sqlx::query_as`), and the integration tests run each of
+//! them against a real PostgreSQL.
+//!
+//! # The state machine (DESIGN §2)
+//!
+//! | from | to | made by |
+//! |---|---|---|
+//! | (none) | `pending` | `request_pack_environment()` (SQL) or a plain `INSERT`; [`request`] |
+//! | `pending`, `outdated` | `installing` | [`claim`] (attempts + 1, a fresh claim token, a lease) |
+//! | `installing` | `ready` | [`finish`] with [`Transition::Ready`] or [`Transition::Unchanged`] |
+//! | `installing` | `pending` (run later) | [`finish`] with [`Transition::Retry`] |
+//! | `installing` | `failed` | [`finish`] with [`Transition::Failed`] |
+//! | `installing` | `pending` (attempt not spent) | [`finish`] with [`Transition::Released`] (shutdown) |
+//! | `installing`, lease expired | `pending`, or `failed` when attempts are spent | [`rescue_expired`] |
+//! | `ready` | `outdated` | [`finish_verification`] with a failure; a pack update (a plain `UPDATE`) |
+//! | any | `pending` | an operator's `UPDATE`, [`rebuild`]: the trigger `pack_environment_before_write` drops the claim and starts the attempts over |
+//!
+//! Fencing (DESIGN §3): every write for a claimed row says `WHERE id = $1 AND claim_token = $2`
+//! and reports whether it matched, so a stale build never overwrites a reset or another claim.
+//! A ready build's switch on disk happens inside [`lock_fenced`]'s transaction, while the row
+//! lock keeps any reset waiting, so a lost claim never changes what `env_path` serves.
+
+mod admin;
+mod queue;
+mod verify;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use packenv_core::target::Target;
+use serde::Serialize;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::PgPool;
+use uuid::Uuid;
+
+pub use admin::*;
+pub use queue::*;
+pub use verify::*;
+
+/// Migrations embedded from the workspace's `migrations/` directory.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+
+/// The channel the NOTIFY trigger sends on.
+pub const WAKEUP_CHANNEL: &str = "packenvd_wakeup";
+
+/// Opens a pool of `max` connections.
+pub async fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
+    let options: PgConnectOptions = url.parse()?;
+    PgPoolOptions::new()
+        .max_connections(max)
+        .acquire_timeout(Duration::from_secs(10))
+        // The default pings every connection taken from the pool: a round trip per statement.
+        // A connection that died with the server fails its statement instead, and every
+        // caller retries (claims, heartbeats and write-backs back off and try again).
+        .test_before_acquire(false)
+        .connect_with(options.application_name("packenvd"))
+        .await
+}
+
+/// `pack_environment.status`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, sqlx::Type, clap::ValueEnum,
+)]
+#[sqlx(type_name = "pack_environment_status_enum", rename_all = "lowercase")]
+#[serde(rename_all = "lowercase")]
+pub enum Status {
+    Pending,
+    Installing,
+    Ready,
+    Failed,
+    Outdated,
+}
+
+impl Status {
+    pub const ALL: [Status; 5] = [
+        Status::Pending,
+        Status::Installing,
+        Status::Ready,
+        Status::Failed,
+        Status::Outdated,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Pending => "pending",
+            Status::Installing => "installing",
+            Status::Ready => "ready",
+            Status::Failed => "failed",
+            Status::Outdated => "outdated",
+        }
+    }
+
+    /// Work is asked for or under way: a daemon has something to do.
+    pub fn is_open(self) -> bool {
+        matches!(
+            self,
+            Status::Pending | Status::Installing | Status::Outdated
+        )
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a write for a claimed row must match: the row and the claim it was built under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Fence {
+    pub id: i64,
+    pub token: Uuid,
+}
+
+/// How a claimed build ended, as the row records it.
+#[derive(Debug, Clone)]
+pub enum Transition {
+    /// A new build is served: `ready`, with where it is and what it was built from.
+    Ready {
+        /// `None` for runtimes that need no environment.
+        env_path: Option<String>,
+        metadata: serde_json::Value,
+        fingerprint: Option<String>,
+        log: String,
+    },
+    /// A request answered by the current build: `ready` again, nothing rebuilt.
+    Unchanged { log: String },
+    /// A retryable failure with attempts left: `pending` again after `after`.
+    Retry {
+        after: Duration,
+        error: String,
+        log: String,
+    },
+    /// A permanent failure, or the last attempt: `failed`.
+    Failed { error: String, log: String },
+    /// Stopped by shutdown: `pending` at once, the attempt not counted.
+    Released { log: String },
+}
+
+impl Transition {
+    /// The status the row ends in.
+    pub fn status(&self) -> Status {
+        match self {
+            Transition::Ready { .. } | Transition::Unchanged { .. } => Status::Ready,
+            Transition::Retry { .. } | Transition::Released { .. } => Status::Pending,
+            Transition::Failed { .. } => Status::Failed,
+        }
+    }
+
+    /// A label for metrics and logs.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Transition::Ready { .. } => "ready",
+            Transition::Unchanged { .. } => "unchanged",
+            Transition::Retry { .. } => "retry",
+            Transition::Failed { .. } => "failed",
+            Transition::Released { .. } => "released",
+        }
+    }
+}
+
+/// An environment taken to build (with a claim) or to check (with the time it was taken):
+/// the row, its pack and its runtime.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct EnvRow {
+    pub id: i64,
+    pub pack_ref: String,
+    pub runtime_ref: String,
+    pub runtime_name: String,
+    pub env_path: Option<String>,
+    pub storage_path: Option<String>,
+    /// `runtime.installers` as text: decoded per row, so one bad spec fails one row.
+    pub installers: String,
+    pub fingerprint: Option<String>,
+    /// `metadata` as text, for the same reason.
+    pub metadata: String,
+    /// Set by a build claim; NULL for a verification.
+    pub claim_token: Option<Uuid>,
+    pub attempts: i32,
+    /// Set by `request_pack_environment()`: a matching fingerprint may skip the rebuild.
+    pub skip_if_current: bool,
+    /// Seconds from the row becoming claimable (its last write, or its run_after) to this claim.
+    pub pickup_secs: f64,
+    /// The `last_verified` a verification claim set; its result is written only if unchanged.
+    pub checked_at: Option<DateTime<Utc>>,
+}
+
+impl EnvRow {
+    /// What the build or the check needs of the row.
+    pub fn target(&self) -> Target {
+        Target {
+            env_id: self.id,
+            pack_ref: self.pack_ref.clone(),
+            runtime_ref: self.runtime_ref.clone(),
+            runtime_name: self.runtime_name.clone(),
+            env_path: self.env_path.clone(),
+            storage_path: self.storage_path.clone(),
+            installers: self.installers.clone(),
+            fingerprint: self.fingerprint.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+/// A row claimed for a build, and the fence its writes carry.
+#[derive(Debug, Clone)]
+pub struct Claim {
+    pub fence: Fence,
+    pub row: EnvRow,
+}
+
+/// Whether an error may pass by itself (the connection or the server went away, a pool
+/// timeout), as opposed to the database refusing the statement (a constraint, a permission):
+/// retrying the latter only repeats the refusal.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Database(db) => {
+            // Class 08: connection exceptions; 53: insufficient resources; 57: operator
+            // intervention (shutdown, cancel); 40: serialization failure, deadlock.
+            db.code()
+                .is_some_and(|c| ["08", "53", "57", "40"].iter().any(|p| c.starts_with(p)))
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::Protocol(_) => true,
+        _ => false,
+    }
+}
