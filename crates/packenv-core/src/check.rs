@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::build::{parse_spec, BuildError, Plan};
+use crate::build::{parse_spec, BuildError, Plan, Scratch};
 use crate::fingerprint::{fingerprint, inputs_digest};
 use crate::layout::{EnvLocation, LayoutError};
 use crate::log::{tail_lines, BuildLog};
@@ -56,12 +56,8 @@ pub enum CheckError {
     InterpreterChanged { now: String, was: String },
     #[error("inputs changed: the runtime's installer spec or the pack's dependency manifests differ from the build's")]
     InputsChanged,
-    #[error("cannot read the pack's manifests in {}: {source}", path.display())]
-    Manifests {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Manifest(#[from] crate::fingerprint::ManifestError),
     #[error("`{command}` {outcome}: {tail}")]
     PipCheck {
         command: String,
@@ -105,9 +101,37 @@ pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError>
         blocking(move || check_link(&loc, &root, &env_path, recorded)).await?
     };
 
-    // 2. Each executable the spec promises exists in that build and runs.
-    let plan =
-        Plan::new(&cfg.build, target, installers, &spec, &loc, &build).map_err(CheckError::Spec)?;
+    // 2. Each executable the spec promises exists in that build and runs, confined, writing
+    // only to a private tmp (it runs the environment's code: a `.pth` file, a shebang).
+    let tmp = cfg.build.tmp_root().join(check_tmp_name());
+    let plan = Plan::new(&cfg.build, target, installers, &spec, &loc, &build, &tmp)
+        .map_err(CheckError::Spec)?;
+    let user = cfg.build.sandbox.as_ref().and_then(|s| s.user);
+    let scratch = Scratch::create(&cfg.build, &tmp, None, user)
+        .await
+        .map_err(CheckError::Spec)?;
+    let result = run_checks(cfg, target, &plan, &build).await;
+    scratch.remove().await;
+    result
+}
+
+/// A private tmp name no other check or build uses.
+fn check_tmp_name() -> String {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    format!(
+        "check-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
+}
+
+/// Checks 2 to 4, on the build the link names.
+async fn run_checks(
+    cfg: &CheckConfig,
+    target: &Target,
+    plan: &Plan,
+    build: &Path,
+) -> Result<(), CheckError> {
     let cancel = CancellationToken::new();
     let mut versions = BTreeMap::new();
     let mut paths = BTreeMap::new();
@@ -122,7 +146,16 @@ pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError>
             return Err(missing());
         }
         let path = path.display().to_string();
-        match probe::executable_version(&path, &build, &plan.base_env, cfg.timeout, &cancel).await {
+        match probe::executable_version(
+            &path,
+            build,
+            &plan.base_env,
+            cfg.timeout,
+            plan.check.as_ref(),
+            &cancel,
+        )
+        .await
+        {
             Ok(v) => {
                 versions.insert(name.clone(), v);
                 paths.insert(name.clone(), path);
@@ -140,13 +173,7 @@ pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError>
     // 3. The inputs are those the build was made from.
     if let Some(recorded) = &target.fingerprint {
         let (spec_json, pack_path) = (plan.installers.clone(), plan.pack_path.clone());
-        let digest = blocking(move || {
-            inputs_digest(&spec_json, &pack_path).map_err(|source| CheckError::Manifests {
-                path: pack_path,
-                source,
-            })
-        })
-        .await?;
+        let digest = blocking(move || inputs_digest(&spec_json, &pack_path)).await?;
         let version = probe::interpreter(&versions).map(|(_, v)| v.as_str());
         if &fingerprint(&digest, version) != recorded {
             let metadata = target.metadata();
@@ -167,9 +194,10 @@ pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError>
             let inv = Invocation {
                 program: python.clone(),
                 args: vec!["-m".into(), "pip".into(), "check".into()],
-                cwd: build.clone(),
+                cwd: build.to_owned(),
                 env: plan.base_env.clone(),
                 timeout: cfg.timeout,
+                supervised: plan.check.clone(),
             };
             let out = BuildLog::new(8192);
             let outcome = runner::run(&inv, &out, &cancel).await;

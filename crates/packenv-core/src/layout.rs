@@ -7,9 +7,26 @@
 //!
 //! A venv holds absolute paths, so a build is never moved: it is made where it will be used and
 //! `env_path` is switched to it atomically (symlink to a temporary name, then `rename`).
+//!
+//! Every change on disk goes through an open envs root and an open pack directory, relative to
+//! them and without following a symlink ([`crate::fsat`]), so nothing outside the envs root can
+//! be created, switched or deleted, even by a step racing to swap a directory for a link. The
+//! envs root must be packenvd's: a real directory owned by this user, holding [`ROOT_MARKER`]
+//! (written when packenvd creates it, or finds it empty). Each pack directory records the
+//! environments packenvd made in it ([`PACK_RECORD`]); the collector touches nothing else.
 
-use std::io;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Component, Path, PathBuf};
+
+use rustix::fs::{AtFlags, FileType, Mode, OFlags};
+
+use crate::fsat;
+
+/// The file in the envs root that says packenvd owns it.
+pub const ROOT_MARKER: &str = ".packenvd-root";
+/// The file in a pack directory that lists, one per line, the environments packenvd made there.
+pub const PACK_RECORD: &str = ".packenvd-envs";
 
 #[derive(Debug, thiserror::Error)]
 pub enum LayoutError {
@@ -21,6 +38,8 @@ pub enum LayoutError {
     OutsideRoot { path: String, root: PathBuf },
     #[error("env_path {0:?} must be <envs_root>/<pack_ref>/<name>")]
     BadEnvPath(String),
+    #[error("envs root {path:?} {problem}")]
+    NotOurs { path: PathBuf, problem: String },
     #[error("{what} {path:?}: {source}")]
     Io {
         what: &'static str,
@@ -84,9 +103,252 @@ fn normalise(path: &Path) -> Option<PathBuf> {
     Some(out)
 }
 
+/// The envs root, opened and checked.
+#[derive(Debug)]
+pub struct EnvsRoot {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl EnvsRoot {
+    /// Opens the envs root. It must be a real directory (not a symlink) owned by this user and
+    /// hold [`ROOT_MARKER`]; with `create`, a missing or empty one is created and marked.
+    /// `Ok(None)` when it does not exist and `create` is false.
+    pub fn open(path: &Path, create: bool) -> Result<Option<EnvsRoot>, LayoutError> {
+        let not_ours = |problem: &str| LayoutError::NotOurs {
+            path: path.to_owned(),
+            problem: problem.to_owned(),
+        };
+        if path.parent().is_none() {
+            return Err(not_ours("is the root directory"));
+        }
+        if create {
+            match std::fs::create_dir_all(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                Err(e) => return Err(io_err("cannot create", path)(e)),
+            }
+        }
+        let fd = match rustix::fs::open(
+            path,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) if !create => return Ok(None),
+            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+                return Err(not_ours("is a symlink or not a directory"))
+            }
+            Err(e) => return Err(io_err("cannot open", path)(e.into())),
+        };
+        let st = rustix::fs::fstat(&fd).map_err(|e| io_err("cannot stat", path)(e.into()))?;
+        let me = rustix::process::geteuid().as_raw();
+        if st.st_uid != me {
+            return Err(not_ours(&format!(
+                "is owned by uid {}, not by this user (uid {me}): packenvd works only in a directory of its own",
+                st.st_uid
+            )));
+        }
+        let root = EnvsRoot {
+            path: path.to_owned(),
+            fd,
+        };
+        let marked = fsat::type_at(&root.fd, ROOT_MARKER)
+            .map_err(io_err("cannot read", path))?
+            .is_some();
+        if !marked {
+            let empty = fsat::entries(&root.fd)
+                .map_err(io_err("cannot list", path))?
+                .is_empty();
+            if !(create && empty) {
+                return Err(not_ours(&format!(
+                    "is not empty and has no {ROOT_MARKER} marker: point envs_root at an empty directory packenvd may own"
+                )));
+            }
+            let fd = rustix::fs::openat(
+                &root.fd,
+                ROOT_MARKER,
+                OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::from_raw_mode(0o644),
+            )
+            .map_err(|e| io_err("cannot create the marker in", path)(e.into()))?;
+            std::fs::File::from(fd)
+                .write_all(b"packenvd envs root: packenvd creates and deletes environments here\n")
+                .map_err(io_err("cannot write the marker in", path))?;
+        }
+        Ok(Some(root))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The pack directory of `pack_ref`, opened without following a symlink; created with
+    /// `create`. `Ok(None)` when it does not exist and `create` is false.
+    pub fn pack_dir(&self, pack_ref: &str, create: bool) -> Result<Option<PackDir>, LayoutError> {
+        validate_pack_ref(pack_ref)?;
+        let path = self.path.join(pack_ref);
+        if create {
+            match rustix::fs::mkdirat(&self.fd, pack_ref, Mode::from_raw_mode(0o755)) {
+                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(io_err("cannot create", &path)(e.into())),
+            }
+        }
+        match fsat::open_dir_at(&self.fd, pack_ref) {
+            Ok(fd) => Ok(Some(PackDir { path, fd })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !create => Ok(None),
+            Err(e)
+                if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
+                    || e.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) =>
+            {
+                Err(LayoutError::OutsideRoot {
+                    path: path.display().to_string(),
+                    root: self.path.clone(),
+                })
+            }
+            Err(e) => Err(io_err("cannot open", &path)(e)),
+        }
+    }
+
+    /// The pack directories in the root: real directories with a valid pack ref as name.
+    pub fn packs(&self) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for name in fsat::entries(&self.fd)? {
+            let Ok(name) = name.into_string() else {
+                continue;
+            };
+            if validate_pack_ref(&name).is_ok()
+                && fsat::type_at(&self.fd, &name)? == Some(FileType::Directory)
+            {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes a pack directory that holds nothing but packenvd's record.
+    pub fn remove_pack_if_empty(&self, pack_ref: &str) {
+        let Ok(Some(dir)) = self.pack_dir(pack_ref, false) else {
+            return;
+        };
+        let only_record = fsat::entries(&dir.fd)
+            .is_ok_and(|e| e.iter().all(|n| n.to_bytes() == PACK_RECORD.as_bytes()));
+        if only_record {
+            let _ = rustix::fs::unlinkat(&dir.fd, PACK_RECORD, AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&self.fd, pack_ref, AtFlags::REMOVEDIR);
+        }
+    }
+}
+
+/// One pack's directory, opened and checked.
+#[derive(Debug)]
+pub struct PackDir {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl PackDir {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The environment names packenvd recorded here.
+    pub fn recorded(&self) -> io::Result<Vec<String>> {
+        let fd = match rustix::fs::openat(
+            &self.fd,
+            PACK_RECORD,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::NONBLOCK | OFlags::CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let file = std::fs::File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{PACK_RECORD} is not a regular file"
+            )));
+        }
+        let mut text = String::new();
+        io::Read::read_to_string(&mut io::Read::take(file, 1 << 16), &mut text)?;
+        Ok(text
+            .lines()
+            .map(str::trim)
+            .filter(|l| is_safe_component(l))
+            .map(str::to_owned)
+            .collect())
+    }
+
+    /// Adds `name` to the record of environments made here.
+    fn record(&self, name: &str) -> io::Result<()> {
+        if self.recorded()?.iter().any(|n| n == name) {
+            return Ok(());
+        }
+        let fd = rustix::fs::openat(
+            &self.fd,
+            PACK_RECORD,
+            OFlags::WRONLY | OFlags::CREATE | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )?;
+        std::fs::File::from(fd).write_all(format!("{name}\n").as_bytes())
+    }
+
+    /// The type of an entry, not following a symlink.
+    pub fn type_of(&self, entry: &str) -> io::Result<Option<FileType>> {
+        fsat::type_at(&self.fd, entry)
+    }
+
+    /// The names in the directory.
+    pub fn entries(&self) -> io::Result<Vec<String>> {
+        Ok(fsat::entries(&self.fd)?
+            .into_iter()
+            .filter_map(|n| n.into_string().ok())
+            .collect())
+    }
+
+    /// How long ago an entry was last modified (a link's own time, not its target's).
+    pub fn age(&self, entry: &str) -> Option<std::time::Duration> {
+        let st = rustix::fs::statat(&self.fd, entry, AtFlags::SYMLINK_NOFOLLOW).ok()?;
+        let modified = std::time::UNIX_EPOCH
+            + std::time::Duration::new(st.st_mtime as u64, st.st_mtime_nsec as u32);
+        std::time::SystemTime::now().duration_since(modified).ok()
+    }
+
+    /// The build directory the link `name` points to, if it is a sibling build directory of
+    /// that environment.
+    pub fn link_target(&self, name: &str) -> Option<String> {
+        let target = rustix::fs::readlinkat(&self.fd, name, Vec::new()).ok()?;
+        let target = target.into_string().ok()?;
+        let is_build = !target.contains('/')
+            && target
+                .strip_prefix('.')
+                .and_then(|t| t.strip_prefix(name))
+                .is_some_and(|rest| rest.starts_with('-'));
+        (is_build && self.type_of(&target).ok()? == Some(FileType::Directory)).then_some(target)
+    }
+
+    /// Removes an entry and everything beneath it, never following a symlink.
+    pub fn remove(&self, entry: &str) -> io::Result<()> {
+        fsat::remove_all_at(&self.fd, entry)
+    }
+
+    /// Gives an entry and everything beneath it to `uid:gid`, never following a symlink.
+    pub fn chown_all(&self, entry: &str, uid: u32, gid: u32) -> io::Result<()> {
+        fsat::chown_all_at(&self.fd, entry, uid, gid)
+    }
+
+    pub fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 /// The place of one (pack, runtime) environment under the envs root.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EnvLocation {
+    /// The envs root, normalised.
+    pub root: PathBuf,
+    pub pack_ref: String,
     /// `<envs_root>/<pack_ref>`: holds the symlink and the builds.
     pub pack_dir: PathBuf,
     /// `<pack_dir>/<runtime>`: the symlink that names the current build.
@@ -127,7 +389,12 @@ impl EnvLocation {
                 path
             }
         };
-        Ok(EnvLocation { pack_dir, env_path })
+        Ok(EnvLocation {
+            root,
+            pack_ref: pack_ref.to_owned(),
+            pack_dir,
+            env_path,
+        })
     }
 
     /// The environment's directory name: the last component of `env_path`.
@@ -143,59 +410,118 @@ impl EnvLocation {
         self.pack_dir.join(format!(".{}-{token}", self.name()))
     }
 
-    /// Creates the pack directory and a fresh, empty build directory, refusing to follow a
-    /// symlink out of the envs root.
-    pub fn create_build_dir(&self, envs_root: &Path, token: &str) -> Result<PathBuf, LayoutError> {
-        std::fs::create_dir_all(&self.pack_dir).map_err(io_err("cannot create", &self.pack_dir))?;
-        let real_root = std::fs::canonicalize(envs_root)
-            .map_err(io_err("cannot resolve envs root", envs_root))?;
-        let real_pack_dir = std::fs::canonicalize(&self.pack_dir)
-            .map_err(io_err("cannot resolve", &self.pack_dir))?;
-        if real_pack_dir.parent() != Some(real_root.as_path()) {
-            return Err(LayoutError::OutsideRoot {
-                path: real_pack_dir.display().to_string(),
-                root: real_root,
-            });
+    /// Opens the envs root and this environment's pack directory (creating both with
+    /// `create`); `Ok(None)` when they do not exist.
+    pub fn open(&self, create: bool) -> Result<Option<PackDir>, LayoutError> {
+        match EnvsRoot::open(&self.root, create)? {
+            Some(root) => root.pack_dir(&self.pack_ref, create),
+            None => Ok(None),
         }
-        let dir = self.build_dir(token);
-        std::fs::create_dir(&dir).map_err(io_err("cannot create build directory", &dir))?;
+    }
+
+    fn open_created(&self) -> Result<PackDir, LayoutError> {
+        self.open(true)?
+            .ok_or_else(|| LayoutError::BadEnvPath(self.env_path.display().to_string()))
+    }
+
+    /// Creates the pack directory and a fresh, empty build directory, relative to the open
+    /// envs root and never through a symlink; records the environment in the pack directory.
+    pub fn create_build_dir(&self, token: &str) -> Result<PathBuf, LayoutError> {
+        let pack = self.open_created()?;
+        pack.record(self.name())
+            .map_err(io_err("cannot record the environment in", &self.pack_dir))?;
+        let name = format!(".{}-{token}", self.name());
+        let dir = self.pack_dir.join(&name);
+        rustix::fs::mkdirat(pack.as_fd(), name.as_str(), Mode::from_raw_mode(0o755))
+            .map_err(|e| io_err("cannot create build directory", &dir)(e.into()))?;
         Ok(dir)
     }
 
-    /// Points `env_path` at `build_dir` atomically. A real directory left at `env_path` by an
-    /// older in-place installer is moved aside first (returned), since `rename` cannot replace
-    /// a non-empty directory.
+    /// Points `env_path` at `build_dir` atomically (a symlink to a temporary name, then
+    /// `rename` over the link), relative to the open pack directory. A real directory left at
+    /// `env_path` by an older in-place installer is moved aside first (returned), since
+    /// `rename` cannot replace a non-empty directory.
     pub fn switch_to(&self, build_dir: &Path) -> Result<Option<PathBuf>, LayoutError> {
         let target = build_dir
             .file_name()
-            .map(PathBuf::from)
+            .and_then(|n| n.to_str())
+            .filter(|_| build_dir.parent() == Some(self.pack_dir.as_path()))
             .ok_or_else(|| LayoutError::BadEnvPath(build_dir.display().to_string()))?;
+        let pack = self.open_created()?;
+        let fail = |what: &'static str| io_err(what, &self.env_path);
         let mut moved_aside = None;
-        if let Ok(meta) = std::fs::symlink_metadata(&self.env_path) {
-            if meta.is_dir() {
-                let aside =
-                    self.pack_dir
-                        .join(format!(".{}-legacy-{}", self.name(), std::process::id()));
-                std::fs::rename(&self.env_path, &aside)
-                    .map_err(io_err("cannot move aside", &self.env_path))?;
-                moved_aside = Some(aside);
-            }
+        if pack.type_of(self.name()).map_err(fail("cannot read"))? == Some(FileType::Directory) {
+            let aside = format!(".{}-legacy-{}", self.name(), std::process::id());
+            rustix::fs::renameat(pack.as_fd(), self.name(), pack.as_fd(), aside.as_str())
+                .map_err(|e| fail("cannot move aside")(e.into()))?;
+            moved_aside = Some(self.pack_dir.join(aside));
         }
-        let tmp = self
-            .pack_dir
-            .join(format!(".{}.switch-{}", self.name(), std::process::id()));
-        let _ = std::fs::remove_file(&tmp);
+        let tmp = format!(".{}.switch-{}", self.name(), std::process::id());
+        let _ = rustix::fs::unlinkat(pack.as_fd(), tmp.as_str(), AtFlags::empty());
         // Relative target: the envs root can be moved or mounted elsewhere as a whole.
-        std::os::unix::fs::symlink(&target, &tmp).map_err(io_err("cannot create symlink", &tmp))?;
-        std::fs::rename(&tmp, &self.env_path).map_err(io_err("cannot switch", &self.env_path))?;
+        rustix::fs::symlinkat(target, pack.as_fd(), tmp.as_str())
+            .map_err(|e| fail("cannot create a symlink beside")(e.into()))?;
+        rustix::fs::renameat(pack.as_fd(), tmp.as_str(), pack.as_fd(), self.name())
+            .map_err(|e| fail("cannot switch")(e.into()))?;
         Ok(moved_aside)
     }
 
-    /// The build directory `env_path` points at now, if any.
+    /// Removes the link `env_path` (when a switch must be undone and nothing was served).
+    pub fn remove_link(&self) -> Result<(), LayoutError> {
+        if let Some(pack) = self.open(false)? {
+            if pack
+                .type_of(self.name())
+                .map_err(io_err("cannot read", &self.env_path))?
+                == Some(FileType::Symlink)
+            {
+                pack.remove(self.name())
+                    .map_err(io_err("cannot remove", &self.env_path))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The build directory `env_path` points at now, if it is one of this environment's.
     pub fn current_build(&self) -> Option<PathBuf> {
-        let target = std::fs::read_link(&self.env_path).ok()?;
-        let dir = self.pack_dir.join(target);
-        dir.is_dir().then_some(dir)
+        let pack = self.open(false).ok()??;
+        pack.link_target(self.name()).map(|t| self.pack_dir.join(t))
+    }
+
+    /// Removes one of this environment's build directories (or its private leftovers),
+    /// relative to the open pack directory; a path that is not one of them is refused.
+    pub fn remove_build(&self, build_dir: &Path) -> Result<(), LayoutError> {
+        let name = self.own_entry(build_dir)?;
+        match self.open(false)? {
+            Some(pack) => pack
+                .remove(name)
+                .map_err(io_err("cannot remove", build_dir)),
+            None => Ok(()),
+        }
+    }
+
+    /// Gives one of this environment's build directories, and all in it, to `uid:gid`.
+    pub fn chown_build(&self, build_dir: &Path, uid: u32, gid: u32) -> Result<(), LayoutError> {
+        let name = self.own_entry(build_dir)?;
+        match self.open(false)? {
+            Some(pack) => pack
+                .chown_all(name, uid, gid)
+                .map_err(io_err("cannot change the owner of", build_dir)),
+            None => Ok(()),
+        }
+    }
+
+    /// The name of `build_dir` in the pack directory, if it is one of this environment's.
+    fn own_entry<'a>(&self, build_dir: &'a Path) -> Result<&'a str, LayoutError> {
+        build_dir
+            .file_name()
+            .and_then(|n| n.to_str())
+            .filter(|n| {
+                build_dir.parent() == Some(self.pack_dir.as_path())
+                    && n.strip_prefix('.')
+                        .and_then(|r| r.strip_prefix(self.name()))
+                        .is_some_and(|r| r.starts_with('-'))
+            })
+            .ok_or_else(|| LayoutError::BadEnvPath(build_dir.display().to_string()))
     }
 }
 
@@ -248,18 +574,26 @@ mod tests {
         }
     }
 
+    /// An envs root packenvd owns, inside a scratch directory.
+    fn root() -> (tempfile::TempDir, PathBuf) {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("envs");
+        EnvsRoot::open(&root, true).unwrap();
+        (tmp, root)
+    }
+
     #[test]
     fn switching_is_a_rename_over_the_old_link() {
-        let tmp = tempfile::tempdir().unwrap();
-        let loc = EnvLocation::new(tmp.path(), "p", "python", None).unwrap();
-        let a = loc.create_build_dir(tmp.path(), "a").unwrap();
+        let (_tmp, root) = root();
+        let loc = EnvLocation::new(&root, "p", "python", None).unwrap();
+        let a = loc.create_build_dir("a").unwrap();
         std::fs::write(a.join("f"), "a").unwrap();
         loc.switch_to(&a).unwrap();
         assert_eq!(
             std::fs::read_to_string(loc.env_path.join("f")).unwrap(),
             "a"
         );
-        let b = loc.create_build_dir(tmp.path(), "b").unwrap();
+        let b = loc.create_build_dir("b").unwrap();
         std::fs::write(b.join("f"), "b").unwrap();
         loc.switch_to(&b).unwrap();
         assert_eq!(
@@ -268,14 +602,20 @@ mod tests {
         );
         assert_eq!(loc.current_build().unwrap(), b);
         assert!(a.exists(), "the old build stays for running processes");
+        let pack = loc.open(false).unwrap().unwrap();
+        assert_eq!(
+            pack.recorded().unwrap(),
+            ["python"],
+            "the environment is recorded"
+        );
     }
 
     #[test]
     fn a_legacy_directory_at_env_path_is_moved_aside() {
-        let tmp = tempfile::tempdir().unwrap();
-        let loc = EnvLocation::new(tmp.path(), "p", "python", None).unwrap();
+        let (_tmp, root) = root();
+        let loc = EnvLocation::new(&root, "p", "python", None).unwrap();
         std::fs::create_dir_all(loc.env_path.join("bin")).unwrap();
-        let b = loc.create_build_dir(tmp.path(), "b").unwrap();
+        let b = loc.create_build_dir("b").unwrap();
         let aside = loc.switch_to(&b).unwrap().unwrap();
         assert!(aside.join("bin").is_dir());
         assert_eq!(loc.current_build().unwrap(), b);
@@ -283,14 +623,71 @@ mod tests {
 
     #[test]
     fn a_pack_dir_that_is_a_symlink_out_of_the_root_is_refused() {
-        let tmp = tempfile::tempdir().unwrap();
+        let (_tmp, root) = root();
         let outside = tempfile::tempdir().unwrap();
-        std::os::unix::fs::symlink(outside.path(), tmp.path().join("p")).unwrap();
-        let loc = EnvLocation::new(tmp.path(), "p", "python", None).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("p")).unwrap();
+        let loc = EnvLocation::new(&root, "p", "python", None).unwrap();
         assert!(matches!(
-            loc.create_build_dir(tmp.path(), "a"),
+            loc.create_build_dir("a"),
             Err(LayoutError::OutsideRoot { .. })
         ));
+        assert!(matches!(
+            loc.switch_to(&loc.build_dir("a")),
+            Err(LayoutError::OutsideRoot { .. })
+        ));
+        assert_eq!(loc.current_build(), None);
         assert_eq!(std::fs::read_dir(outside.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_link_to_something_that_is_not_its_own_build_is_not_a_current_build() {
+        let (_tmp, root) = root();
+        let loc = EnvLocation::new(&root, "p", "python", None).unwrap();
+        loc.create_build_dir("a").unwrap();
+        let other = EnvLocation::new(&root, "p", "node", None).unwrap();
+        let node_build = other.create_build_dir("n").unwrap();
+        std::os::unix::fs::symlink(".node-n", &loc.env_path).unwrap();
+        assert_eq!(loc.current_build(), None, "another environment's build");
+        assert!(loc.remove_build(&node_build).is_err(), "not ours to remove");
+        std::fs::remove_file(&loc.env_path).unwrap();
+        std::os::unix::fs::symlink("/etc", &loc.env_path).unwrap();
+        assert_eq!(
+            loc.current_build(),
+            None,
+            "a link out of the pack directory"
+        );
+    }
+
+    #[test]
+    fn an_envs_root_must_be_a_directory_of_ours_that_is_marked_or_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let used = tmp.path().join("used");
+        std::fs::create_dir_all(used.join("data")).unwrap();
+        let err = EnvsRoot::open(&used, true).unwrap_err().to_string();
+        assert!(err.contains("has no .packenvd-root marker"), "{err}");
+
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(tmp.path(), &link).unwrap();
+        let err = EnvsRoot::open(&link, true).unwrap_err().to_string();
+        assert!(err.contains("is a symlink"), "{err}");
+
+        assert!(EnvsRoot::open(Path::new("/"), false).is_err());
+        assert!(EnvsRoot::open(&tmp.path().join("absent"), false)
+            .unwrap()
+            .is_none());
+
+        let fresh = tmp.path().join("fresh");
+        EnvsRoot::open(&fresh, true).unwrap();
+        assert!(fresh.join(ROOT_MARKER).is_file(), "marked at creation");
+        std::fs::create_dir(fresh.join("p")).unwrap();
+        EnvsRoot::open(&fresh, false).unwrap().unwrap();
+
+        if rustix::process::geteuid().is_root() {
+            let theirs = tmp.path().join("theirs");
+            std::fs::create_dir(&theirs).unwrap();
+            std::os::unix::fs::chown(&theirs, Some(65534), Some(65534)).unwrap();
+            let err = EnvsRoot::open(&theirs, true).unwrap_err().to_string();
+            assert!(err.contains("is owned by uid 65534"), "{err}");
+        }
     }
 }

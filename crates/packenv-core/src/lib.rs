@@ -11,6 +11,8 @@
 //! - [`check`]: the verification checks of a ready environment.
 //! - [`runner`]: runs one command in its own process group with a scrubbed environment, a
 //!   timeout, and output captured into a [`log::CappedLog`].
+//! - [`supervise`]: the step supervisor: a subreaper that kills whatever a step leaves
+//!   behind, sets its resource limits and confines it with Landlock.
 //! - [`probe`]: what builds and checks ask of the host: the step environment, pack and cache
 //!   paths, command lookup, `--version`.
 //! - [`fingerprint`]: the hash of what an environment depends on, to skip needless rebuilds.
@@ -22,12 +24,14 @@
 pub mod build;
 pub mod check;
 pub mod fingerprint;
+pub mod fsat;
 pub mod inuse;
 pub mod layout;
 pub mod log;
 pub mod probe;
 pub mod runner;
 pub mod spec;
+pub mod supervise;
 pub mod target;
 pub mod template;
 

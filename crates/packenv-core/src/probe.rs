@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
 use crate::log::BuildLog;
-use crate::runner::{self, Invocation, Outcome};
+use crate::runner::{self, Invocation, Outcome, Supervised};
 
 /// Variables a step may inherit from the daemon besides PATH, HOME and LANG (DESIGN §6):
 /// proxies, package indexes and CA bundles. Anything else, `DATABASE_URL` included, is dropped.
@@ -37,12 +37,18 @@ pub const DEFAULT_PASSTHROUGH: &[&str] = &[
     "TMPDIR",
 ];
 
-/// The scrubbed environment every step starts with (DESIGN §6): PATH, HOME and LANG, the
-/// `passthrough` variables the daemon has, the cache variables pointing into `cache_dir`, and
-/// settings that keep installers from prompting or phoning home. Nothing else of the daemon's.
-pub fn step_environment(passthrough: &[String], cache_dir: &Path) -> BTreeMap<String, String> {
+/// The scrubbed environment every step starts with (DESIGN §6): PATH and LANG, the
+/// `passthrough` variables the daemon has, the cache variables pointing into `cache_dir`, a
+/// private `tmp` as TMPDIR and `tmp/home` as HOME (nothing of the daemon's home: its caches,
+/// its `.pgpass`), and settings that keep installers from prompting or phoning home. Nothing
+/// else of the daemon's.
+pub fn step_environment(
+    passthrough: &[String],
+    cache_dir: &Path,
+    tmp: &Path,
+) -> BTreeMap<String, String> {
     let mut env = BTreeMap::new();
-    for key in ["PATH", "HOME", "LANG"] {
+    for key in ["PATH", "LANG"] {
         if let Ok(v) = std::env::var(key) {
             env.insert(key.to_string(), v);
         }
@@ -55,6 +61,8 @@ pub fn step_environment(passthrough: &[String], cache_dir: &Path) -> BTreeMap<St
             env.insert(key.clone(), v);
         }
     }
+    env.insert("TMPDIR".into(), tmp.display().to_string());
+    env.insert("HOME".into(), tmp.join("home").display().to_string());
     for (key, sub) in [
         ("PIP_CACHE_DIR", "pip"),
         ("npm_config_cache", "npm"),
@@ -122,12 +130,14 @@ pub struct ProbeFailure {
     pub output: String,
 }
 
-/// Runs `<exe> --version` in `cwd` with `env`; Ok holds the first line it printed.
+/// Runs `<exe> --version` in `cwd` with `env` (confined as `supervised` says: it runs code of
+/// the environment); Ok holds the first line it printed.
 pub async fn executable_version(
     exe: &str,
     cwd: &Path,
     env: &BTreeMap<String, String>,
     timeout: Duration,
+    supervised: Option<&Supervised>,
     cancel: &CancellationToken,
 ) -> Result<String, ProbeFailure> {
     let inv = Invocation {
@@ -136,6 +146,7 @@ pub async fn executable_version(
         cwd: cwd.to_owned(),
         env: env.clone(),
         timeout,
+        supervised: supervised.cloned(),
     };
     let out = BuildLog::new(4096);
     let outcome = runner::run(&inv, &out, cancel).await;
@@ -158,7 +169,16 @@ mod tests {
     #[test]
     fn the_step_environment_holds_caches_and_no_daemon_secret() {
         std::env::set_var("PACKENV_PROBE_SECRET", "x");
-        let env = step_environment(&["NO_SUCH_VAR_XYZ".into()], Path::new("/c/python"));
+        let env = step_environment(
+            &["NO_SUCH_VAR_XYZ".into(), "TMPDIR".into()],
+            Path::new("/c/python"),
+            Path::new("/c/.tmp/b1"),
+        );
+        assert_eq!(
+            env["TMPDIR"], "/c/.tmp/b1",
+            "the private tmp wins over a passthrough"
+        );
+        assert_eq!(env["HOME"], "/c/.tmp/b1/home");
         assert_eq!(env["PIP_CACHE_DIR"], "/c/python/pip");
         assert_eq!(env["UV_CACHE_DIR"], "/c/python/uv");
         assert!(env.contains_key("PATH") && env.contains_key("LANG"));

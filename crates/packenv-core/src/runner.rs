@@ -1,8 +1,14 @@
 //! Runs one installer command: an argument vector (never a shell), its own process group, a
 //! scrubbed environment given by the caller, output merged into a [`CappedLog`] as it is read,
 //! and a timeout or cancellation that kills the whole group.
+//!
+//! With a [`Supervised`] setting the command runs under the step supervisor
+//! ([`crate::supervise`]), which kills everything the step leaves behind, applies its limits
+//! and Landlock, and can run as the build user. Without one (unit tests, and a daemon that has
+//! no supervisor binary) only the process group is killed.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -13,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::log::BuildLog;
+use crate::supervise::Confinement;
 
 /// A command ready to run: everything rendered, the environment complete.
 #[derive(Debug, Clone)]
@@ -23,7 +30,23 @@ pub struct Invocation {
     /// The whole environment of the child; nothing is inherited from the daemon.
     pub env: BTreeMap<String, String>,
     pub timeout: Duration,
+    /// Run under the step supervisor; `None` runs the command directly.
+    pub supervised: Option<Supervised>,
 }
+
+/// How a command runs under the step supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Supervised {
+    /// The supervisor's program and its first arguments, e.g. `packenvd __supervise`.
+    pub supervisor: Vec<OsString>,
+    pub confinement: Confinement,
+    /// The build user `(uid, gid)` the supervisor and the step run as.
+    pub user: Option<(u32, u32)>,
+}
+
+/// After a supervised command was told to stop (its control pipe closed), how long the
+/// supervisor gets to kill its tree before its process group is killed from here.
+const SUPERVISOR_GRACE: Duration = Duration::from_secs(5);
 
 impl Invocation {
     /// The command line as one would type it, for logs and error messages.
@@ -98,21 +121,40 @@ const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs `inv`, appending its stdout and stderr to `log`.
 pub async fn run(inv: &Invocation, log: &BuildLog, cancel: &CancellationToken) -> Outcome {
-    let mut cmd = tokio::process::Command::new(&inv.program);
-    cmd.args(&inv.args)
-        .current_dir(&inv.cwd)
+    let mut cmd = match &inv.supervised {
+        None => {
+            let mut cmd = tokio::process::Command::new(&inv.program);
+            cmd.args(&inv.args).stdin(Stdio::null());
+            die_with_parent(&mut cmd);
+            cmd
+        }
+        Some(s) => {
+            let mut cmd = tokio::process::Command::new(&s.supervisor[0]);
+            cmd.args(&s.supervisor[1..])
+                .args(s.confinement.to_args())
+                .arg("--")
+                .arg(&inv.program)
+                .args(&inv.args)
+                // The control pipe: the supervisor kills the step's tree when it closes.
+                .stdin(Stdio::piped());
+            if let Some((uid, gid)) = s.user {
+                cmd.uid(uid).gid(gid);
+            }
+            cmd
+        }
+    };
+    cmd.current_dir(&inv.cwd)
         .env_clear()
         .envs(&inv.env)
-        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
-    die_with_parent(&mut cmd);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
         Err(e) => return Outcome::SpawnFailed(e),
     };
+    let mut control = child.stdin.take();
     // With process_group(0) the group id is the child's pid.
     let pgid = child
         .id()
@@ -138,6 +180,11 @@ pub async fn run(inv: &Invocation, log: &BuildLog, cancel: &CancellationToken) -
         () = tokio::time::sleep(inv.timeout) => Outcome::TimedOut(started.elapsed()),
         () = cancel.cancelled() => Outcome::Cancelled,
     };
+    if control.take().is_some() && !matches!(outcome, Outcome::Exited(_)) {
+        // Closing the control pipe tells the supervisor to kill the step's whole tree; the
+        // group kill below is the fallback if it does not exit in time.
+        let _ = tokio::time::timeout(SUPERVISOR_GRACE, child.wait()).await;
+    }
     // Kill the whole group in every case: on timeout or cancel to stop the work, and after a
     // normal exit so that nothing the step left in the background outlives it.
     if let Some(pgid) = pgid {
@@ -191,6 +238,7 @@ mod tests {
             cwd: std::env::temp_dir(),
             env: [("PATH".to_string(), "/usr/bin:/bin".to_string())].into(),
             timeout,
+            supervised: None,
         }
     }
 

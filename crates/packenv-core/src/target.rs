@@ -2,8 +2,12 @@
 //! or a check needs. The queue (claims, tokens, attempts) is not here: the `packenvd` crate keeps
 //! that beside it.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use crate::runner::Supervised;
+use crate::supervise::{Confinement, LandlockMode};
 
 /// An environment as the row and its pack and runtime describe it. Everything here is untrusted
 /// input (DESIGN §6): the build checks each field before it acts on it.
@@ -27,6 +31,9 @@ pub struct Target {
     /// The row's `metadata` as JSON text: what the current build recorded. Compared, never
     /// executed.
     pub metadata: String,
+    /// What the database found wrong with the row (its pack_ref is not its pack's ref, its
+    /// runtime's directory is another runtime's): the build fails with it before anything runs.
+    pub problem: Option<String>,
 }
 
 impl Target {
@@ -48,6 +55,57 @@ pub struct BuildConfig {
     pub cache_dir: PathBuf,
     /// Default limit of one step; a step's own `timeout` overrides it.
     pub step_timeout: Duration,
-    /// Daemon variables steps may see, beyond PATH, HOME and LANG.
+    /// Daemon variables steps may see, beyond PATH and LANG.
     pub env_passthrough: Vec<String>,
+    /// How steps are confined; `None` runs them directly (then only their process group is
+    /// killed, and nothing confines what they write or connect to).
+    pub sandbox: Option<SandboxConfig>,
+}
+
+impl BuildConfig {
+    /// Where builds and checks get their private temporary directories.
+    pub fn tmp_root(&self) -> PathBuf {
+        self.cache_dir.join(".tmp")
+    }
+}
+
+/// How steps and checks are confined (DESIGN §6), applied by the step supervisor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxConfig {
+    /// The supervisor's program and first arguments: `packenvd __supervise`.
+    pub supervisor: Vec<OsString>,
+    pub landlock: LandlockMode,
+    /// The build user `(uid, gid)` steps run as; `None` runs them as the daemon's user.
+    pub user: Option<(u32, u32)>,
+    /// Per-step limits: address space, processes of the step's user, file size (bytes).
+    pub memory: Option<u64>,
+    pub processes: Option<u64>,
+    pub file_size: Option<u64>,
+    /// TCP ports steps may connect to; `None` for any.
+    pub tcp_ports: Option<Vec<u16>>,
+    /// More places steps may write, beyond their build, cache and private tmp.
+    pub writable: Vec<PathBuf>,
+    /// Paths steps may not read: the daemon's credentials and config.
+    pub hidden: Vec<PathBuf>,
+}
+
+impl SandboxConfig {
+    /// How one command runs: writes allowed beneath `writable` (and the configured extras).
+    pub fn supervised(&self, writable: &[&Path]) -> Supervised {
+        let mut all: Vec<PathBuf> = writable.iter().map(|p| p.to_path_buf()).collect();
+        all.extend(self.writable.iter().cloned());
+        Supervised {
+            supervisor: self.supervisor.clone(),
+            confinement: Confinement {
+                landlock: self.landlock,
+                writable: all,
+                hidden: self.hidden.clone(),
+                tcp_ports: self.tcp_ports.clone(),
+                memory: self.memory,
+                processes: self.processes,
+                file_size: self.file_size,
+            },
+            user: self.user,
+        }
+    }
 }

@@ -1,14 +1,21 @@
 //! The garbage collector of builds (DESIGN §4): removes builds that are no longer current once
 //! their grace period is over *and* no running process uses them, and the environments of rows
-//! that are gone (a pack uninstalled). It touches only what packenvd created under the envs
-//! root: `<pack>/<name>` symlinks and `<pack>/.<name>-<id>` build directories.
+//! that are gone (a pack uninstalled).
+//!
+//! It touches only what packenvd made and recorded (DESIGN §6): inside an envs root that holds
+//! packenvd's marker, in each pack directory, the environments named in that directory's record
+//! (`.packenvd-envs`): their `<name>` links, `.<name>-<32 hex>` build directories and
+//! `.<name>.switch-<pid>` leftovers. Everything is opened relative to the envs root and removed
+//! without following a symlink.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use packenv_core::inuse::dirs_in_use;
+use packenv_core::layout::{EnvsRoot, PackDir};
+use rustix::fs::FileType;
 use sqlx::PgPool;
 
 use crate::store;
@@ -55,32 +62,29 @@ pub struct Report {
     pub errors: Vec<Removal>,
 }
 
-/// A build directory name: `.<name>-<32 hex>` (a claim token) or `.<name>-legacy-<pid>`.
-fn is_build_dir_name(name: &str) -> bool {
-    let Some(rest) = name.strip_prefix('.') else {
+/// Whether `entry` is a build directory name of environment `env`: `.<env>-<32 hex>` (a claim
+/// token) or `.<env>-legacy-<pid>`.
+fn is_build_of(entry: &str, env: &str) -> bool {
+    let Some(rest) = entry
+        .strip_prefix('.')
+        .and_then(|r| r.strip_prefix(env))
+        .and_then(|r| r.strip_prefix('-'))
+    else {
         return false;
     };
-    if let Some((_, pid)) = rest.rsplit_once("-legacy-") {
+    if let Some(pid) = rest.strip_prefix("legacy-") {
         return !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit());
     }
-    rest.rsplit_once('-').is_some_and(|(n, id)| {
-        !n.is_empty() && id.len() == 32 && id.bytes().all(|b| b.is_ascii_hexdigit())
-    })
+    rest.len() == 32 && rest.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// A leftover temporary link of an interrupted switch: `.<name>.switch-<pid>`.
-fn is_switch_leftover(name: &str) -> bool {
-    name.starts_with('.')
-        && name
-            .rsplit_once(".switch-")
-            .is_some_and(|(_, pid)| pid.bytes().all(|b| b.is_ascii_digit()))
-}
-
-fn age(meta: &std::fs::Metadata) -> Duration {
-    meta.modified()
-        .ok()
-        .and_then(|m| SystemTime::now().duration_since(m).ok())
-        .unwrap_or_default()
+/// Whether `entry` is a leftover temporary link of an interrupted switch of `env`.
+fn is_switch_leftover_of(entry: &str, env: &str) -> bool {
+    entry
+        .strip_prefix('.')
+        .and_then(|r| r.strip_prefix(env))
+        .and_then(|r| r.strip_prefix(".switch-"))
+        .is_some_and(|pid| !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit()))
 }
 
 /// One pass: reads what the rows keep alive, then walks the envs root. With `dry_run`, removes
@@ -96,17 +100,40 @@ pub async fn run_once(pool: &PgPool, cfg: &GcConfig, dry_run: bool) -> Result<Re
     packenv_core::blocking(move || collect(&root, grace, &rows, dry_run)).await
 }
 
+/// A removal candidate: where it is, its pack directory's entry name, why.
+struct Candidate {
+    pack: String,
+    entry: String,
+    path: PathBuf,
+    reason: String,
+}
+
 fn collect(
-    root: &Path,
+    root_path: &Path,
     grace: Duration,
     rows: &[store::LiveEnv],
     dry_run: bool,
 ) -> Result<Report, Error> {
+    let io = |what: &str| {
+        let what = format!("{what} {}", root_path.display());
+        move |e: std::io::Error| Error::Io { what, source: e }
+    };
+    let root = match EnvsRoot::open(root_path, false) {
+        Ok(Some(root)) => root,
+        // Nothing was built yet.
+        Ok(None) => return Ok(Report::default()),
+        Err(e) => {
+            return Err(Error::Io {
+                what: "the collector cannot use the envs root".into(),
+                source: std::io::Error::other(e.to_string()),
+            })
+        }
+    };
     let live_links: HashSet<PathBuf> = rows
         .iter()
         .filter_map(|r| r.env_path.as_ref().map(PathBuf::from))
         .collect();
-    let mut live_builds: HashSet<PathBuf> = rows
+    let live_builds: HashSet<PathBuf> = rows
         .iter()
         .filter_map(|r| r.build_dir.as_ref().map(PathBuf::from))
         .collect();
@@ -121,92 +148,89 @@ fn collect(
         .map(|r| r.pack_ref.as_str())
         .collect();
 
-    let packs = match std::fs::read_dir(root) {
-        Ok(packs) => packs,
-        // Nothing was built yet.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Report::default()),
-        Err(source) => {
-            return Err(Error::Io {
-                what: format!("cannot read the envs root {}", root.display()),
-                source,
-            })
-        }
-    };
-    let mut candidates: Vec<(PathBuf, String)> = Vec::new();
-    let mut touched_pack_dirs = BTreeSet::new();
-    for pack in packs.flatten() {
-        let pack_dir = pack.path();
-        // Only real directories: a symlink here was not made by packenvd.
-        if !pack.file_type().is_ok_and(|t| t.is_dir()) {
-            continue;
-        }
-        let pack_ref = pack.file_name().to_string_lossy().into_owned();
-        let Ok(entries) = std::fs::read_dir(&pack_dir) else {
+    let mut candidates = Vec::new();
+    let mut open_packs: BTreeMap<String, PackDir> = BTreeMap::new();
+    for pack_ref in root.packs().map_err(io("cannot list"))? {
+        let Ok(Some(pack)) = root.pack_dir(&pack_ref, false) else {
             continue;
         };
-        let mut links = Vec::new();
-        let mut builds = Vec::new();
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Ok(meta) = e.path().symlink_metadata() else {
-                continue;
-            };
-            if meta.file_type().is_symlink() && !name.starts_with('.') {
-                links.push((e.path(), meta));
-            } else if meta.is_dir() && is_build_dir_name(&name) {
-                builds.push((e.path(), name, meta));
-            } else if meta.file_type().is_symlink()
-                && is_switch_leftover(&name)
-                && age(&meta) > grace
-            {
-                candidates.push((e.path(), "leftover of an interrupted switch".into()));
+        let recorded = pack.recorded().unwrap_or_default();
+        if recorded.is_empty() {
+            continue;
+        }
+        let entries = pack.entries().unwrap_or_default();
+        for env in &recorded {
+            let link = pack.path().join(env);
+            let mut keep: Option<String> = None;
+            if pack.type_of(env).ok().flatten() == Some(FileType::Symlink) {
+                let orphan =
+                    !live_links.contains(&link) && !unplaced_packs.contains(pack_ref.as_str());
+                if orphan && pack.age(env).is_some_and(|a| a > grace) {
+                    candidates.push(Candidate {
+                        pack: pack_ref.clone(),
+                        entry: env.clone(),
+                        path: link.clone(),
+                        reason: "no pack_environment row names this environment (pack or runtime removed)".into(),
+                    });
+                } else {
+                    // A current link keeps its build, whatever the rows say.
+                    keep = pack.link_target(env);
+                }
+            }
+            for entry in &entries {
+                let path = pack.path().join(entry);
+                if is_switch_leftover_of(entry, env) && pack.age(entry).is_some_and(|a| a > grace) {
+                    candidates.push(Candidate {
+                        pack: pack_ref.clone(),
+                        entry: entry.clone(),
+                        path,
+                        reason: "leftover of an interrupted switch".into(),
+                    });
+                    continue;
+                }
+                if !is_build_of(entry, env)
+                    || keep.as_deref() == Some(entry.as_str())
+                    || live_builds.contains(&path)
+                    || building.iter().any(|t| entry.ends_with(t.as_str()))
+                    || pack.type_of(entry).ok().flatten() != Some(FileType::Directory)
+                {
+                    continue;
+                }
+                let Some(age) = pack.age(entry).filter(|a| *a > grace) else {
+                    continue;
+                };
+                candidates.push(Candidate {
+                    pack: pack_ref.clone(),
+                    entry: entry.clone(),
+                    path,
+                    reason: format!(
+                        "not current, superseded or abandoned {} ago",
+                        humantime::format_duration(Duration::from_secs(age.as_secs()))
+                    ),
+                });
             }
         }
-        for (link, meta) in links {
-            let target = std::fs::read_link(&link).ok().map(|t| pack_dir.join(t));
-            let orphan = !live_links.contains(&link) && !unplaced_packs.contains(pack_ref.as_str());
-            if orphan && age(&meta) > grace {
-                candidates.push((
-                    link.clone(),
-                    "no pack_environment row names this environment (pack or runtime removed)"
-                        .into(),
-                ));
-                touched_pack_dirs.insert(pack_dir.clone());
-            } else if let Some(t) = target {
-                // A current link keeps its build, whatever the rows say.
-                live_builds.insert(t);
-            }
-        }
-        for (dir, name, meta) in builds {
-            if live_builds.contains(&dir) || building.iter().any(|t| name.ends_with(t.as_str())) {
-                continue;
-            }
-            if age(&meta) <= grace {
-                continue;
-            }
-            candidates.push((
-                dir,
-                format!(
-                    "not current, superseded or abandoned {} ago",
-                    humantime::format_duration(Duration::from_secs(age(&meta).as_secs()))
-                ),
-            ));
-            touched_pack_dirs.insert(pack_dir.clone());
-        }
+        open_packs.insert(pack_ref, pack);
     }
-
-    let report = remove_unused(candidates, dry_run);
+    let report = remove_unused(&open_packs, candidates, dry_run);
     if !dry_run {
-        for dir in touched_pack_dirs {
-            // Fails while anything is left in it, which is what we want.
-            let _ = std::fs::remove_dir(&dir);
+        for r in &report.removed {
+            if let Some(pack) = r
+                .path
+                .parent()
+                .and_then(|p| p.file_name())
+                .and_then(|n| n.to_str())
+            {
+                root.remove_pack_if_empty(pack);
+            }
         }
     }
     Ok(report)
 }
 
 /// `packenvd remove`: deletes the rows and their environments at once, except builds a running
-/// process still uses, which the collector removes later.
+/// process still uses, which the collector removes later. Only environments recorded in the
+/// pack's own directory are touched: a row that names another pack's directory removes nothing.
 pub async fn remove(
     pool: &PgPool,
     cfg: &GcConfig,
@@ -217,78 +241,91 @@ pub async fn remove(
         .await
         .map_err(Error::db("deleting the rows"))?;
     let names = deleted.iter().map(|(runtime, _)| runtime.clone()).collect();
-    let root = cfg.envs_root.clone();
+    let (root_path, pack_ref) = (cfg.envs_root.clone(), pack_ref.to_owned());
     let report = packenv_core::blocking(move || {
-        let candidates = deleted
-            .iter()
-            .filter_map(|(_, env_path)| env_path.as_deref())
-            .flat_map(|env_path| removal_candidates(&root, Path::new(env_path)))
-            .collect();
-        remove_unused(candidates, false)
+        let Ok(Some(root)) = EnvsRoot::open(&root_path, false) else {
+            return Report::default();
+        };
+        let Ok(Some(pack)) = root.pack_dir(&pack_ref, false) else {
+            return Report::default();
+        };
+        let recorded = pack.recorded().unwrap_or_default();
+        let entries = pack.entries().unwrap_or_default();
+        let mut candidates = Vec::new();
+        for env_path in deleted.iter().filter_map(|(_, p)| p.as_deref()) {
+            let env_path = Path::new(env_path);
+            let Some(env) = env_path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .filter(|_| env_path.parent() == Some(pack.path()))
+                .filter(|n| recorded.iter().any(|r| r == n))
+            else {
+                continue;
+            };
+            for entry in entries
+                .iter()
+                .filter(|e| *e == env || is_build_of(e, env) || is_switch_leftover_of(e, env))
+            {
+                candidates.push(Candidate {
+                    pack: pack_ref.clone(),
+                    entry: entry.clone(),
+                    path: pack.path().join(entry),
+                    reason: "removed on request".into(),
+                });
+            }
+        }
+        let packs = BTreeMap::from([(pack_ref.clone(), pack)]);
+        let report = remove_unused(&packs, candidates, false);
+        root.remove_pack_if_empty(&pack_ref);
+        report
     })
     .await;
     Ok((names, report))
 }
 
-/// The link `env_path` and its build directories, if `env_path` lies where packenvd puts
-/// environments.
-fn removal_candidates(root: &Path, env_path: &Path) -> Vec<(PathBuf, String)> {
-    let Some(pack_dir) = env_path.parent().filter(|p| p.parent() == Some(root)) else {
-        return Vec::new();
-    };
-    let Some(name) = env_path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-    else {
-        return Vec::new();
-    };
-    let mut candidates = vec![(env_path.to_owned(), "removed on request".to_string())];
-    if let Ok(entries) = std::fs::read_dir(pack_dir) {
-        for e in entries.flatten() {
-            let n = e.file_name().to_string_lossy().into_owned();
-            if is_build_dir_name(&n)
-                && n.strip_prefix('.')
-                    .is_some_and(|r| r.starts_with(&format!("{name}-")))
-            {
-                candidates.push((e.path(), "removed on request".to_string()));
-            }
-        }
-    }
-    candidates
-}
-
-/// Removes each candidate no running process uses (or, with `dry_run`, only reports it).
-fn remove_unused(candidates: Vec<(PathBuf, String)>, dry_run: bool) -> Report {
+/// Removes each candidate no running process uses (or, with `dry_run`, only reports it),
+/// relative to its open pack directory.
+fn remove_unused(
+    packs: &BTreeMap<String, PackDir>,
+    candidates: Vec<Candidate>,
+    dry_run: bool,
+) -> Report {
     let mut report = Report::default();
     let dirs: Vec<PathBuf> = candidates
         .iter()
-        .filter(|(p, _)| p.is_dir() && !p.is_symlink())
-        .map(|(p, _)| p.clone())
+        .filter(|c| {
+            packs
+                .get(&c.pack)
+                .and_then(|p| p.type_of(&c.entry).ok().flatten())
+                == Some(FileType::Directory)
+        })
+        .map(|c| c.path.clone())
         .collect();
     let in_use = dirs_in_use(&dirs);
-    for (path, reason) in candidates {
-        if let Some(users) = in_use.get(&path) {
+    for c in candidates {
+        if let Some(users) = in_use.get(&c.path) {
             report.kept_in_use.push(Removal {
-                path,
+                path: c.path,
                 reason: format!("still in use: {}", users.join(", ")),
             });
             continue;
         }
+        let removal = Removal {
+            path: c.path,
+            reason: c.reason,
+        };
         if dry_run {
-            report.removed.push(Removal { path, reason });
+            report.removed.push(removal);
             continue;
         }
-        let result = if path.is_symlink() || !path.is_dir() {
-            std::fs::remove_file(&path)
-        } else {
-            std::fs::remove_dir_all(&path)
+        let Some(pack) = packs.get(&c.pack) else {
+            continue;
         };
-        match result {
-            Ok(()) => report.removed.push(Removal { path, reason }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        match pack.remove(&c.entry) {
+            Ok(()) => report.removed.push(removal),
             Err(e) => report.errors.push(Removal {
-                path,
                 reason: format!("cannot remove: {e}"),
+                ..removal
             }),
         }
     }
@@ -300,14 +337,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_packenvd_names_are_build_directories() {
-        assert!(is_build_dir_name(
-            ".python-0123456789abcdef0123456789abcdef"
+    fn only_packenvd_names_of_a_recorded_environment_are_its_builds() {
+        assert!(is_build_of(
+            ".python-0123456789abcdef0123456789abcdef",
+            "python"
         ));
-        assert!(is_build_dir_name(
-            ".node.js-0123456789abcdef0123456789abcdef"
+        assert!(is_build_of(
+            ".node.js-0123456789abcdef0123456789abcdef",
+            "node.js"
         ));
-        assert!(is_build_dir_name(".python-legacy-1234"));
+        assert!(is_build_of(".python-legacy-1234", "python"));
         for not in [
             "python",
             ".python",
@@ -315,10 +354,12 @@ mod tests {
             ".cache",
             ".python-0123456789abcdef0123456789abcdeg",
             "-0123456789abcdef0123456789abcdef",
+            ".node-0123456789abcdef0123456789abcdef",
         ] {
-            assert!(!is_build_dir_name(not), "{not}");
+            assert!(!is_build_of(not, "python"), "{not}");
         }
-        assert!(is_switch_leftover(".python.switch-42"));
-        assert!(!is_switch_leftover("python.switch-42"));
+        assert!(is_switch_leftover_of(".python.switch-42", "python"));
+        assert!(!is_switch_leftover_of("python.switch-42", "python"));
+        assert!(!is_switch_leftover_of(".node.switch-42", "python"));
     }
 }

@@ -25,6 +25,7 @@ pub mod config;
 pub mod daemon;
 pub mod error;
 pub mod gc;
+pub mod hardening;
 pub mod inflight;
 pub mod logging;
 pub mod ops;

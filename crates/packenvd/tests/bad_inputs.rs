@@ -26,7 +26,7 @@ async fn fails_alone(pool: &PgPool, env: &Env, bad_id: i64) -> String {
 
 /// A runtime whose only step would leave a trace outside the envs root if it ran.
 fn tracing_step(env: &Env) -> serde_json::Value {
-    json!({"name": "trace", "command": "touch", "args": [env.dir.path().join("ran").display().to_string()]})
+    json!({"name": "trace", "command": "touch", "args": [env.scratch().join("ran").display().to_string()]})
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -48,7 +48,7 @@ async fn an_unknown_template_variable_fails_before_anything_runs(pool: PgPool) {
             && error.contains("{env_pth}"),
         "{error}"
     );
-    assert!(!env.dir.path().join("ran").exists(), "a step ran");
+    assert!(!env.scratch().join("ran").exists(), "a step ran");
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -63,7 +63,7 @@ async fn an_unclosed_brace_fails_before_anything_runs(pool: PgPool) {
         error.contains("step 'use', args[0]: unclosed '{'"),
         "{error}"
     );
-    assert!(!env.dir.path().join("ran").exists());
+    assert!(!env.scratch().join("ran").exists());
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -104,11 +104,11 @@ async fn a_pack_ref_with_dot_dot_or_slash_fails_and_writes_nothing(pool: PgPool)
             error.contains(&format!("pack_ref {bad_ref:?} is not allowed")),
             "{error}"
         );
-        assert!(!env.dir.path().join("ran").exists());
+        assert!(!env.scratch().join("ran").exists());
         assert!(tree(env.envs_root()).is_empty());
         let outside: Vec<String> = tree(env.dir.path())
             .into_iter()
-            .filter(|p| !p.starts_with("packs") && !p.starts_with("storage"))
+            .filter(|p| !p.starts_with("packs") && !p.starts_with("storage") && p != "scratch")
             .collect();
         assert!(outside.is_empty(), "written: {outside:?}");
     }
@@ -135,7 +135,7 @@ async fn an_env_path_outside_the_envs_root_fails_and_writes_nothing(pool: PgPool
         .unwrap();
     let error = fails_alone(&pool, &env, id).await;
     assert!(error.contains("is outside the envs root"), "{error}");
-    assert!(!target.exists() && !env.dir.path().join("ran").exists());
+    assert!(!target.exists() && !env.scratch().join("ran").exists());
     // A path that climbs out with .. is refused the same way.
     let climbing = format!("{}/p/../../elsewhere", env.envs_root().display());
     sqlx::query("UPDATE pack_environment SET env_path = $2, status = 'pending' WHERE id = $1")

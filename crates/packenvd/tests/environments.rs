@@ -150,6 +150,10 @@ async fn an_uninstallable_requirement_fails_naming_the_step_the_status_and_the_o
         error.contains("packenvd-no-such-package"),
         "the output's tail follows: {error}"
     );
-    // The failed build is gone at once; nothing is served.
-    assert_eq!(tree(&env.envs_root().join("bad")), Vec::<String>::new());
+    // The failed build is gone at once; nothing is served (only the record of the
+    // environment's name stays).
+    assert_eq!(
+        tree(&env.envs_root().join("bad")),
+        [packenv_core::layout::PACK_RECORD]
+    );
 }

@@ -66,7 +66,7 @@ async fn a_build_whose_daemon_was_killed_is_rebuilt_by_another_after_the_lease(p
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn four_daemons_build_two_thousand_rows_each_exactly_once(pool: PgPool) {
     let env = Env::new(&[]);
-    let out = env.dir.path().join("built.txt");
+    let out = env.scratch().join("built.txt");
     add_runtime(&pool, "t.append", json!({
         "installers": [{"name": "append", "command": "sh", "args": ["-c", format!("echo {{pack_ref}} >> {}", out.display())]}],
         "requires_environment": true
@@ -354,7 +354,7 @@ async fn due_now(pool: &PgPool) {
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_step_that_fails_twice_then_succeeds_ends_ready_after_growing_waits(pool: PgPool) {
     let env = Env::new(&[("retry_backoff", "300ms"), ("max_attempts", "3")]);
-    let counter = env.dir.path().join("count");
+    let counter = env.scratch().join("count");
     let script = format!(
         "n=$(cat {c} 2>/dev/null || echo 0); n=$((n+1)); echo $n > {c}; [ $n -ge 3 ]",
         c = counter.display()

@@ -40,7 +40,7 @@ fn build_dirs(pack_dir: &Path) -> Vec<String> {
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with('.'))
+        .filter(|n| n.starts_with('.') && n != packenv_core::layout::PACK_RECORD)
         .collect();
     v.sort();
     v
@@ -404,6 +404,9 @@ async fn the_second_build_reads_its_packages_from_the_shared_cache(pool: PgPool)
     let wheels = env.dir.path().join("wheels");
     make_wheel(&wheels, "0.1.0");
     let index = IndexServer::start(&wheels, env.dir.path().join("index.log"));
+    // Steps may connect to the registry ports only; this index is on a port of its own.
+    let mut env = env;
+    env.settings.step_tcp_ports = packenvd::config::Ports(Some(vec![index.port]));
     let reqs = format!(
         "--index-url http://127.0.0.1:{}/simple/\n--trusted-host 127.0.0.1\npackenvd-fixture==0.1.0\n",
         index.port

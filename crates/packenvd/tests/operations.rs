@@ -35,7 +35,7 @@ async fn the_daemon_speaks_sd_notify_and_no_step_sees_the_socket(pool: PgPool) {
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     sock.set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let dump = env.dir.path().join("step-env.txt");
+    let dump = env.scratch().join("step-env.txt");
     add_runtime(&pool, "t.env", json!([{"name": "dump", "command": "sh", "args": ["-c", format!("env > {}", dump.display())]}])).await;
     env.pack_dir("p", &[]);
     add_pack(&pool, "p").await;

@@ -160,7 +160,7 @@ async fn a_step_that_prints_50_mb_is_capped_and_memory_stays_small(pool: PgPool)
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_hanging_step_is_killed_at_its_timeout_with_its_children(pool: PgPool) {
     let env = Env::new(&[("max_attempts", "1")]);
-    let marker = env.dir.path().join("child-survived");
+    let marker = env.scratch().join("child-survived");
     let started = Instant::now();
     let r = build_one(
         &pool,

@@ -183,8 +183,14 @@ async fn two_instances_verify_a_thousand_stale_rows_each_exactly_once(pool: PgPo
     add_runtime(&pool, "t.tool", tool_runtime()).await;
     let first = ready_tool_env(&pool, &env, "p0", &[]).await;
     let model = row(&pool, first).await;
-    // 999 more ready rows whose environments link to the same build: real links, real checks.
+    // 999 more ready rows, each with a copy of that build in its own pack directory: real
+    // links, real checks.
     let build_dir = model.metadata["build_dir"].as_str().unwrap().to_owned();
+    let build_name = Path::new(&build_dir)
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
     let shared = env.settings.packs_dir.join("p0").display().to_string();
     sqlx::query("INSERT INTO pack (ref, label, storage_path) SELECT 'p' || i, 'p', $1 FROM generate_series(1, 999) i")
         .bind(&shared)
@@ -193,19 +199,27 @@ async fn two_instances_verify_a_thousand_stale_rows_each_exactly_once(pool: PgPo
         .unwrap();
     sqlx::query(
         "INSERT INTO pack_environment (pack, runtime, status, env_path, metadata, fingerprint, installed_at, last_verified)
-         SELECT p.id, r.id, 'ready', $1 || '/' || p.ref || '/t.tool', $2, $3, now(), now() - interval '30 days'
+         SELECT p.id, r.id, 'ready', $1 || '/' || p.ref || '/t.tool',
+                jsonb_set($2, '{build_dir}', to_jsonb($1 || '/' || p.ref || '/' || $4)),
+                $3, now(), now() - interval '30 days'
          FROM pack p, runtime r WHERE r.ref = 't.tool' AND p.ref <> 'p0'",
     )
     .bind(env.envs_root().display().to_string())
     .bind(&model.metadata)
     .bind(&model.fingerprint)
+    .bind(&build_name)
     .execute(&pool)
     .await
     .unwrap();
+    let tool = std::fs::read(Path::new(&build_dir).join("bin/tool")).unwrap();
     for i in 1..=999 {
         let dir = env.envs_root().join(format!("p{i}"));
-        std::fs::create_dir_all(&dir).unwrap();
-        std::os::unix::fs::symlink(&build_dir, dir.join("t.tool")).unwrap();
+        std::fs::create_dir_all(dir.join(&build_name).join("bin")).unwrap();
+        let copy = dir.join(&build_name).join("bin/tool");
+        std::fs::write(&copy, &tool).unwrap();
+        std::fs::set_permissions(&copy, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        std::os::unix::fs::symlink(&build_name, dir.join("t.tool")).unwrap();
     }
     make_stale(&pool).await;
 

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 
+use crate::fingerprint::ManifestError;
 use crate::layout::LayoutError;
 use crate::runner::Outcome;
 use crate::spec::SpecError;
@@ -45,6 +46,10 @@ pub enum BuildError {
     /// placed under the envs root.
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    /// The row contradicts itself or another row (its pack_ref is not its pack's ref; two
+    /// runtimes would share one directory).
+    #[error("{0}")]
+    Row(String),
     /// The pack's files are not where the row says.
     #[error("pack directory {} does not exist or is not a directory", path.display())]
     PackMissing { path: PathBuf },
@@ -73,7 +78,10 @@ pub enum BuildError {
         failure: String,
         tail: String,
     },
-    /// The file system refused something packenvd needed (a manifest, a cache directory).
+    /// A dependency manifest of the pack is not a regular file of sane size.
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// The file system refused something packenvd needed (a cache directory).
     #[error("{what} {}: {source}", path.display())]
     Io {
         what: &'static str,
@@ -93,6 +101,7 @@ impl BuildError {
     pub fn retryable(&self) -> bool {
         match self {
             BuildError::Spec { .. }
+            | BuildError::Row(_)
             | BuildError::Template { .. }
             | BuildError::CommandNotFound { .. }
             | BuildError::Executable { .. }
@@ -105,6 +114,7 @@ impl BuildError {
                     | LayoutError::BadEnvPath(_)
             ),
             BuildError::PackMissing { .. } | BuildError::Io { .. } => true,
+            BuildError::Manifest(e) => e.retryable(),
             BuildError::Step { outcome, tail, .. } => match outcome {
                 Outcome::SpawnFailed(e) => !matches!(
                     e.kind(),
@@ -122,11 +132,13 @@ impl BuildError {
             BuildError::Spec { .. } => "spec",
             BuildError::Template { .. } => "template",
             BuildError::Layout(_) => "layout",
+            BuildError::Row(_) => "row",
             BuildError::PackMissing { .. } => "pack_missing",
             BuildError::Step { .. } => "step",
             BuildError::CommandNotFound { .. } => "command_not_found",
             BuildError::Executable { .. } => "executable",
             BuildError::Io { .. } => "io",
+            BuildError::Manifest(_) => "manifest",
             BuildError::Cancelled => "cancelled",
         }
     }

@@ -9,6 +9,7 @@ mod error;
 mod plan;
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -118,6 +119,9 @@ pub async fn run(
 ) -> Result<Built, Failure> {
     let (installers, spec) = parse_spec(target)?;
     layout::validate_pack_ref(&target.pack_ref).map_err(BuildError::from)?;
+    if let Some(problem) = &target.problem {
+        return Err(BuildError::Row(problem.clone()).into());
+    }
     if !spec.requires_environment {
         log.line(&format!(
             "runtime {} needs no environment",
@@ -135,7 +139,8 @@ pub async fn run(
     )
     .map_err(BuildError::from)?;
     let build_dir = loc.build_dir(token);
-    let plan = Plan::new(cfg, target, installers, &spec, &loc, &build_dir)?;
+    let tmp = cfg.tmp_root().join(format!(".{}-{token}", loc.name()));
+    let plan = Plan::new(cfg, target, installers, &spec, &loc, &build_dir, &tmp)?;
     let pack_path = plan.pack_path.clone();
     if !blocking(move || pack_path.is_dir()).await {
         // Retryable: a platform may insert the row before its copy of the pack's files is done.
@@ -144,62 +149,65 @@ pub async fn run(
         }
         .into());
     }
+    let user = cfg.sandbox.as_ref().and_then(|s| s.user);
+    let scratch = Scratch::create(cfg, &plan.tmp_dir, Some(&plan.cache_dir), user).await?;
 
-    if reuse_if_current {
-        if current_build_matches(cfg, target, &spec, &loc, &plan, cancel).await {
-            log.line("==> inputs unchanged since the current build (fingerprint matches): already up to date");
-            return Ok(Built::Unchanged);
-        }
-        log.line("==> inputs changed since the current build (or it no longer runs): rebuilding");
-    }
-    // Read before the steps run: the fingerprint describes the inputs this build started from.
-    let inputs = digest(&plan).await?;
-
-    let switch = Switch {
-        loc: loc.clone(),
-        build_dir: build_dir.clone(),
-    };
-    let prepared = {
-        let (cache_dir, envs_root, loc, token) = (
-            plan.cache_dir.clone(),
-            cfg.envs_root.clone(),
-            loc.clone(),
-            token.to_owned(),
-        );
-        blocking(move || {
-            for dir in [&cache_dir, &envs_root] {
-                std::fs::create_dir_all(dir).map_err(|source| BuildError::Io {
-                    what: "cannot create",
-                    path: dir.clone(),
-                    source,
-                })?;
+    let result = async {
+        if reuse_if_current {
+            if current_build_matches(cfg, target, &spec, &loc, &plan, cancel).await {
+                log.line("==> inputs unchanged since the current build (fingerprint matches): already up to date");
+                return Ok(None);
             }
-            loc.create_build_dir(&envs_root, &token)
-                .map_err(BuildError::from)
-        })
-        .await
-    };
-    let result = match prepared {
-        Ok(_) => run_plan(&plan, &build_dir, log, cancel).await,
-        Err(e) => Err(e),
-    };
-    match result {
-        Ok(executables) => {
-            let version = probe::interpreter(&executables).map(|(_, (_, v))| v.as_str());
-            let fingerprint = fingerprint(&inputs, version);
-            Ok(Built::Ready(Ready {
-                env_path: loc.env_path.display().to_string(),
-                metadata: metadata(&build_dir, token, &plan, &executables),
-                fingerprint,
-                switch,
-            }))
+            log.line(
+                "==> inputs changed since the current build (or it no longer runs): rebuilding",
+            );
         }
+        // Read before the steps run: the fingerprint describes the inputs this build started
+        // from.
+        let inputs = digest(&plan).await?;
+        let (l, t) = (loc.clone(), token.to_owned());
+        blocking(move || {
+            let dir = l.create_build_dir(&t)?;
+            if let Some((uid, gid)) = user {
+                l.chown_build(&dir, uid, gid)?;
+            }
+            Ok::<_, BuildError>(())
+        })
+        .await?;
+        let executables = run_plan(&plan, &build_dir, log, cancel).await;
+        if user.is_some() {
+            // Steps ran as the build user; the build becomes the daemon's again, read-only to
+            // every later step.
+            let (l, b) = (loc.clone(), build_dir.clone());
+            let (uid, gid) = daemon_ids();
+            blocking(move || l.chown_build(&b, uid, gid)).await?;
+        }
+        let executables = executables?;
+        let version = probe::interpreter(&executables).map(|(_, (_, v))| v.as_str());
+        Ok(Some(Ready {
+            env_path: loc.env_path.display().to_string(),
+            metadata: metadata(&build_dir, token, &plan, &executables),
+            fingerprint: fingerprint(&inputs, version),
+            switch: Switch {
+                loc: loc.clone(),
+                build_dir: build_dir.clone(),
+            },
+        }))
+    }
+    .await;
+    scratch.remove().await;
+    match result {
+        Ok(Some(ready)) => Ok(Built::Ready(ready)),
+        Ok(None) => Ok(Built::Unchanged),
         Err(error) => {
             // A failed build is never served, so it goes at once (DESIGN §4).
-            let (s, l) = (switch.clone(), loc.clone());
+            let switch = Switch {
+                loc: loc.clone(),
+                build_dir,
+            };
             let served = blocking(move || {
-                s.discard();
-                l.current_build()
+                switch.discard();
+                switch.loc.current_build()
             })
             .await;
             Err(Failure { error, served })
@@ -207,16 +215,93 @@ pub async fn run(
     }
 }
 
+/// The daemon's own user and group, to take a build back from the build user.
+fn daemon_ids() -> (u32, u32) {
+    (
+        rustix::process::geteuid().as_raw(),
+        rustix::process::getegid().as_raw(),
+    )
+}
+
+/// The private directories of a build or a check outside its build directory: the private tmp
+/// `tmp` (with the HOME inside) and the runtime's cache, given to the build user when there is
+/// one. The tmp goes when the build ends.
+pub(crate) struct Scratch {
+    tmp_root: PathBuf,
+    tmp_name: String,
+}
+
+impl Scratch {
+    pub(crate) async fn create(
+        cfg: &BuildConfig,
+        tmp: &Path,
+        cache: Option<&Path>,
+        user: Option<(u32, u32)>,
+    ) -> Result<Scratch, BuildError> {
+        let tmp_root = cfg.tmp_root();
+        let tmp_name = tmp
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let (cache, tmp) = (cache.map(Path::to_owned), tmp.to_owned());
+        let root = tmp_root.clone();
+        blocking(move || {
+            let io = |what: &'static str, path: &Path| {
+                let path = path.to_owned();
+                move |source| BuildError::Io { what, path, source }
+            };
+            for dir in cache.iter().chain([&root]) {
+                std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
+            }
+            // Nobody else may use or list another build's tmp.
+            std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
+                .map_err(io("cannot set the mode of", &root))?;
+            let _ = crate::fsat::remove_all_at(
+                std::fs::File::open(&root).map_err(io("cannot open", &root))?,
+                tmp.file_name().and_then(|n| n.to_str()).unwrap_or_default(),
+            );
+            std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
+            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))
+                .map_err(io("cannot set the mode of", &tmp))?;
+            std::fs::create_dir(tmp.join("home")).map_err(io("cannot create", &tmp))?;
+            if let Some((uid, gid)) = user {
+                for dir in cache.iter().chain([&tmp, &tmp.join("home")]) {
+                    std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
+                        .map_err(io("cannot give the build user", dir))?;
+                }
+            }
+            Ok::<(), BuildError>(())
+        })
+        .await?;
+        Ok(Scratch { tmp_root, tmp_name })
+    }
+
+    /// Removes the private tmp, whatever was left in it (never following a symlink).
+    pub(crate) async fn remove(self) {
+        blocking(move || {
+            let Ok(root) = rustix::fs::open(
+                &self.tmp_root,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::NOFOLLOW
+                    | rustix::fs::OFlags::CLOEXEC,
+                rustix::fs::Mode::empty(),
+            ) else {
+                return;
+            };
+            let (uid, gid) = daemon_ids();
+            let _ = crate::fsat::chown_all_at(&root, &self.tmp_name, uid, gid);
+            if let Err(e) = crate::fsat::remove_all_at(&root, &self.tmp_name) {
+                tracing::warn!(tmp = %self.tmp_root.join(&self.tmp_name).display(), error = %e, "cannot remove a build's tmp");
+            }
+        })
+        .await;
+    }
+}
+
 async fn digest(plan: &Plan) -> Result<String, BuildError> {
     let (installers, pack_path) = (plan.installers.clone(), plan.pack_path.clone());
-    blocking(move || {
-        inputs_digest(&installers, &pack_path).map_err(|source| BuildError::Io {
-            what: "cannot read the pack's manifests in",
-            path: pack_path,
-            source,
-        })
-    })
-    .await
+    blocking(move || inputs_digest(&installers, &pack_path).map_err(BuildError::from)).await
 }
 
 /// What the row's `metadata` records of a build: where it is and what to start. Actions must
@@ -316,6 +401,7 @@ async fn run_plan(
             build_dir,
             &plan.base_env,
             EXECUTABLE_CHECK_TIMEOUT,
+            plan.check.as_ref(),
             cancel,
         )
         .await
@@ -359,8 +445,15 @@ async fn current_build_matches(
         return false;
     }
     // The executables as the spec names them in the current build, never as metadata says.
-    let Ok(current_plan) = Plan::new(cfg, target, plan.installers.clone(), spec, loc, &current)
-    else {
+    let Ok(current_plan) = Plan::new(
+        cfg,
+        target,
+        plan.installers.clone(),
+        spec,
+        loc,
+        &current,
+        &plan.tmp_dir,
+    ) else {
         return false;
     };
     let version = match probe::interpreter(&current_plan.executables) {
@@ -374,6 +467,7 @@ async fn current_build_matches(
                 &current,
                 &plan.base_env,
                 EXECUTABLE_CHECK_TIMEOUT,
+                plan.check.as_ref(),
                 cancel,
             )
             .await

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use crate::build::BuildError;
 use crate::layout::EnvLocation;
 use crate::probe;
-use crate::runner::Invocation;
+use crate::runner::{Invocation, Supervised};
 use crate::spec::RuntimeSpec;
 use crate::target::{BuildConfig, Target};
 use crate::template::Vars;
@@ -37,6 +37,10 @@ pub struct Plan {
     pub base_env: BTreeMap<String, String>,
     pub pack_path: PathBuf,
     pub cache_dir: PathBuf,
+    /// The build's private temporary directory (TMPDIR; HOME is `home` inside).
+    pub tmp_dir: PathBuf,
+    /// How the executable checks run: confined like the steps, but writing only to the tmp.
+    pub check: Option<Supervised>,
 }
 
 /// Parses a target's installers JSON text (serde_json refuses nesting deeper than 128, which
@@ -65,12 +69,14 @@ impl Plan {
         target: &Target,
         loc: &EnvLocation,
         build_dir: &Path,
+        tmp_dir: &Path,
     ) -> Result<Plan, BuildError> {
         let (installers, spec) = parse_spec(target)?;
-        Plan::new(cfg, target, installers, &spec, loc, build_dir)
+        Plan::new(cfg, target, installers, &spec, loc, build_dir, tmp_dir)
     }
 
-    /// Renders an already parsed spec for a build of `target` in `build_dir`.
+    /// Renders an already parsed spec for a build of `target` in `build_dir`, with `tmp_dir`
+    /// as its private temporary directory.
     pub fn new(
         cfg: &BuildConfig,
         target: &Target,
@@ -78,6 +84,7 @@ impl Plan {
         spec: &RuntimeSpec,
         loc: &EnvLocation,
         build_dir: &Path,
+        tmp_dir: &Path,
     ) -> Result<Plan, BuildError> {
         let pack_path = probe::pack_path(
             &cfg.packs_dir,
@@ -93,7 +100,11 @@ impl Plan {
             .set("runtime_name", target.runtime_name.clone())
             .set("runtime_name_lower", target.runtime_name.to_lowercase())
             .set("cache_dir", cache_dir.display().to_string());
-        let base_env = probe::step_environment(&cfg.env_passthrough, &cache_dir);
+        let base_env = probe::step_environment(&cfg.env_passthrough, &cache_dir, tmp_dir);
+        let supervised = cfg
+            .sandbox
+            .as_ref()
+            .map(|s| s.supervised(&[build_dir, &cache_dir, tmp_dir]));
         let template = |field: String, t: &str| {
             vars.render(t).map_err(|source| BuildError::Template {
                 runtime: target.runtime_ref.clone(),
@@ -131,6 +142,7 @@ impl Plan {
                     cwd,
                     env,
                     timeout: step.timeout.unwrap_or(cfg.step_timeout),
+                    supervised: supervised.clone(),
                 },
             });
         }
@@ -148,6 +160,8 @@ impl Plan {
             pack_path,
             cache_dir,
             installers,
+            tmp_dir: tmp_dir.to_owned(),
+            check: cfg.sandbox.as_ref().map(|s| s.supervised(&[tmp_dir])),
         })
     }
 

@@ -19,12 +19,12 @@ pub struct BuildTimes {
 
 /// The environment packenvd gives its steps (the same function the daemon calls), so the
 /// direct run differs only by the daemon.
-fn step_env(cache_dir: &Path) -> Vec<(String, String)> {
+fn step_env(cache_dir: &Path, tmp: &Path) -> Vec<(String, String)> {
     let passthrough: Vec<String> = packenv_core::probe::DEFAULT_PASSTHROUGH
         .iter()
         .map(|s| s.to_string())
         .collect();
-    packenv_core::probe::step_environment(&passthrough, cache_dir)
+    packenv_core::probe::step_environment(&passthrough, cache_dir, tmp)
         .into_iter()
         .collect()
 }
@@ -88,7 +88,8 @@ pub async fn build_overhead(
             std::fs::write(pack.join("requirements.txt"), &req)?;
         }
         insert_packs(&db.pool, "py", runs as u64).await?;
-        let env = step_env(&work.join("cache"));
+        std::fs::create_dir_all(work.join("tmp/home"))?;
+        let env = step_env(&work.join("cache"), &work.join("tmp"));
         let mut d = procs::spawn_packenvd(&dirs, &db.url, "bench-build", None, true)?;
         d.wait_ready().await?;
         let mut out = BuildTimes::default();

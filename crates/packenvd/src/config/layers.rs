@@ -173,7 +173,19 @@ impl Settings {
             layers,
             sources: BTreeMap::new(),
         };
-        let settings = Settings::resolve(&mut r)?;
+        let mut settings = Settings::resolve(&mut r)?;
+        let credential = r
+            .layers
+            .env
+            .get("CREDENTIALS_DIRECTORY")
+            .map(|d| Path::new(d).join("database_url"))
+            .filter(|p| p.is_file());
+        if settings.database_url.is_empty() {
+            if let Some(file) = settings.database_url_file.clone().or(credential) {
+                settings.database_url = read_url_file(&file)?;
+                r.sources.insert("database_url", Source::File(file));
+            }
+        }
         if require_database && settings.database_url.is_empty() {
             return Err(ConfigError::NoDatabase);
         }
@@ -183,6 +195,24 @@ impl Settings {
             warnings,
         })
     }
+}
+
+/// Reads a database URL kept in a file (a credential): the first line, trimmed.
+fn read_url_file(path: &Path) -> Result<super::Secret, ConfigError> {
+    let invalid = |message: String| ConfigError::Invalid {
+        key: "database_url_file",
+        origin: Source::File(path.to_owned()),
+        message,
+    };
+    let bytes = packenv_core::fingerprint::read_manifest(path, 64 << 10)
+        .map_err(|e| invalid(e.to_string()))?
+        .ok_or_else(|| invalid("the file does not exist".into()))?;
+    let text = String::from_utf8(bytes).map_err(|_| invalid("not UTF-8 text".into()))?;
+    let url = text.lines().next().unwrap_or_default().trim();
+    if url.is_empty() {
+        return Err(invalid("the file is empty".into()));
+    }
+    super::Secret::from_text(url).map_err(invalid)
 }
 
 /// `PACKENVD_*` variables that are not settings but are read elsewhere (test harnesses).

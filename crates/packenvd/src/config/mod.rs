@@ -19,7 +19,9 @@ use std::time::Duration;
 pub use flags::SettingFlags;
 use layers::Resolver;
 pub use layers::{closest_key, Layers, Loaded, Source};
-pub use value::{between, has_password, mask_url, within, Secret, SettingValue};
+pub use value::{
+    between, has_password, mask_url, within, BuildUser, Limit, Ports, Secret, SettingValue,
+};
 
 use packenv_core::probe::DEFAULT_PASSTHROUGH;
 
@@ -136,7 +138,12 @@ const DAY: Duration = Duration::from_secs(86400);
 
 settings! {
     /// Where the queue lives: a postgres:// URL. Never logged; masked wherever it is printed.
+    /// Prefer database_url_file (or a password in PGPASSFILE): a URL in the environment is
+    /// readable wherever the daemon's environment is.
     database_url: Secret = Secret::default(); Restart; ok;
+    /// A file holding the database URL, read once at start (mode 0600, or a systemd
+    /// credential). Default: $CREDENTIALS_DIRECTORY/database_url when systemd provides one.
+    database_url_file: Option<PathBuf> = None; Restart; ok;
     /// Every environment and build is created under this directory, and nowhere else.
     envs_root: PathBuf = PathBuf::from("/var/lib/packenvd/envs"); Restart; not_root;
     /// Where a pack lives when its pack.storage_path is NULL: <packs_dir>/<ref>.
@@ -160,9 +167,39 @@ settings! {
     shutdown_grace: Duration = Duration::from_secs(30); Live; |d| between(d, Duration::ZERO, HOUR);
     /// Bytes of installer output kept per build in install_log (head and tail).
     log_max_bytes: usize = 1 << 20; Live; |n| within(*n, 4096, 64 << 20);
-    /// Variables of the daemon that installer steps may see, besides PATH, HOME and LANG:
-    /// proxies, package indexes, CA bundles.
+    /// Variables of the daemon that installer steps may see, besides PATH and LANG (HOME and
+    /// TMPDIR are private to each build): proxies, package indexes, CA bundles.
     env_passthrough: Vec<String> = DEFAULT_PASSTHROUGH.iter().map(|s| s.to_string()).collect(); Live; passthrough;
+    /// The user installer steps run as: a name or uid:gid; "" runs them as the daemon's user.
+    /// A separate user keeps steps away from the daemon's files and database login; the daemon
+    /// then needs CAP_SETUID, CAP_SETGID and CAP_CHOWN (see deploy/packenvd.service).
+    build_user: Option<BuildUser> = None; Restart; ok;
+    /// The program that supervises every step (packenvd itself, as `packenvd __supervise`):
+    /// it kills whatever a step leaves behind and applies the limits below and Landlock.
+    /// "" is this binary; "none" runs steps unsupervised (only their process group is killed).
+    step_supervisor: String = String::new(); Restart; ok;
+    /// Landlock confinement of steps: writes only to their build, cache and private tmp, TCP
+    /// connects only to step_tcp_ports, the daemon's credentials unreadable. "best-effort" uses
+    /// what the kernel has; "required" fails steps the kernel cannot confine; "off".
+    landlock: packenv_core::supervise::LandlockMode = packenv_core::supervise::LandlockMode::BestEffort; Live; ok;
+    /// TCP ports steps may connect to (registries, proxies), a list or "any".
+    step_tcp_ports: Ports = Ports(Some(vec![80, 443])); Live; ok;
+    /// More directories steps may write to, beyond their build, cache and private tmp.
+    step_writable: Vec<String> = Vec::new(); Live; |v: &Vec<String>| {
+        v.iter().try_for_each(|p| PathBuf::from_text(p).map(|_| ()))
+    };
+    /// Files and directories steps may not read, besides those always hidden: the config file,
+    /// database_url_file, $CREDENTIALS_DIRECTORY, PGPASSFILE, the daemon's ~/.pgpass and
+    /// /etc/packenvd. Enforced with Landlock.
+    step_hidden: Vec<String> = Vec::new(); Live; |v: &Vec<String>| {
+        v.iter().try_for_each(|p| PathBuf::from_text(p).map(|_| ()))
+    };
+    /// Address space of each step process (RLIMIT_AS): "4GiB", or "unlimited".
+    step_memory_limit: Limit = Limit(Some(4 << 30)); Live; |l: &Limit| at_least(l, 256 << 20);
+    /// Processes of the build user at once (RLIMIT_NPROC): a fork bomb's ceiling.
+    step_max_processes: Limit = Limit(Some(4096)); Live; |l: &Limit| at_least(l, 16);
+    /// Largest file a step may write (RLIMIT_FSIZE).
+    step_max_file_size: Limit = Limit(Some(4 << 30)); Live; |l: &Limit| at_least(l, 1 << 20);
     /// Written to claimed_by: who holds a row. Default: <hostname>:<pid>.
     instance_name: String = default_instance_name(); Restart; |s: &String| {
         if s.is_empty() || s.len() > 200 || s.chars().any(char::is_control) {
@@ -193,6 +230,13 @@ settings! {
     log_level: String = "info,sqlx=warn,tokio_cron_scheduler=warn".into(); Live; |s: &String| {
         tracing_subscriber::EnvFilter::try_new(s).map(|_| ()).map_err(|e| e.to_string())
     };
+}
+
+fn at_least(l: &Limit, min: u64) -> Result<(), String> {
+    match l.0 {
+        Some(v) if v < min => Err(format!("must be at least {min} (or unlimited)")),
+        _ => Ok(()),
+    }
 }
 
 #[allow(clippy::ptr_arg)] // the declaration's check takes the setting's own type
@@ -327,7 +371,60 @@ impl Settings {
             cache_dir: self.cache_dir.clone(),
             step_timeout: self.step_timeout,
             env_passthrough: self.env_passthrough.clone(),
+            sandbox: self.sandbox_config(),
         }
+    }
+
+    /// How steps are confined; `None` when they run unsupervised.
+    pub fn sandbox_config(&self) -> Option<packenv_core::target::SandboxConfig> {
+        Some(packenv_core::target::SandboxConfig {
+            supervisor: self.supervisor_command()?,
+            landlock: self.landlock,
+            user: self.build_user.as_ref().map(|u| (u.uid, u.gid)),
+            memory: self.step_memory_limit.0,
+            processes: self.step_max_processes.0,
+            file_size: self.step_max_file_size.0,
+            tcp_ports: self.step_tcp_ports.0.clone(),
+            writable: self.step_writable.iter().map(PathBuf::from).collect(),
+            hidden: self.hidden_paths(),
+        })
+    }
+
+    /// The supervisor's command: `<packenvd> __supervise`; `None` for "none", or when this
+    /// binary is not packenvd and none is configured (a test harness).
+    pub fn supervisor_command(&self) -> Option<Vec<std::ffi::OsString>> {
+        let exe = match self.step_supervisor.as_str() {
+            "none" => return None,
+            "" => {
+                static SELF: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+                SELF.get_or_init(|| {
+                    std::env::current_exe().ok().filter(|p| {
+                        p.file_name()
+                            .and_then(|n| n.to_str())
+                            .is_some_and(|n| n.starts_with("packenvd"))
+                    })
+                })
+                .clone()?
+            }
+            path => PathBuf::from(path),
+        };
+        Some(vec![exe.into_os_string(), "__supervise".into()])
+    }
+
+    /// What steps may not read: the daemon's secrets and configuration wherever they are.
+    pub fn hidden_paths(&self) -> Vec<PathBuf> {
+        let mut hidden: Vec<PathBuf> = self.step_hidden.iter().map(PathBuf::from).collect();
+        hidden.extend(self.database_url_file.clone());
+        hidden.push(PathBuf::from("/etc/packenvd"));
+        for var in ["CREDENTIALS_DIRECTORY", "PGPASSFILE"] {
+            if let Some(v) = std::env::var_os(var).filter(|v| !v.is_empty()) {
+                hidden.push(PathBuf::from(v));
+            }
+        }
+        if let Some(home) = std::env::var_os("HOME").filter(|v| !v.is_empty()) {
+            hidden.push(PathBuf::from(home).join(".pgpass"));
+        }
+        hidden
     }
 
     /// What the verification checks read.

@@ -208,6 +208,154 @@ impl SettingValue for Option<SocketAddr> {
     }
 }
 
+/// An optional path: `""` is none.
+impl SettingValue for Option<PathBuf> {
+    fn from_text(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        PathBuf::from_text(s).map(Some)
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::String(
+            self.as_ref()
+                .map_or_else(String::new, |p| p.display().to_string()),
+        )
+    }
+}
+
+/// The user steps run as: a name or `uid:gid`, resolved when the setting is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuildUser {
+    /// As written in the configuration.
+    pub name: String,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `""` is none: steps run as the daemon's user.
+impl SettingValue for Option<BuildUser> {
+    fn from_text(s: &str) -> Result<Self, String> {
+        if s.is_empty() {
+            return Ok(None);
+        }
+        if let Some((u, g)) = s.split_once(':') {
+            let (uid, gid) = u
+                .parse()
+                .ok()
+                .zip(g.parse().ok())
+                .ok_or_else(|| "expected a user name or uid:gid".to_string())?;
+            return Ok(Some(BuildUser {
+                name: s.to_owned(),
+                uid,
+                gid,
+            }));
+        }
+        match nix::unistd::User::from_name(s) {
+            Ok(Some(u)) => Ok(Some(BuildUser {
+                name: s.to_owned(),
+                uid: u.uid.as_raw(),
+                gid: u.gid.as_raw(),
+            })),
+            Ok(None) => Err(format!("no user named {s:?} on this host (create it: useradd --system --no-create-home {s})")),
+            Err(e) => Err(format!("cannot look up user {s:?}: {e}")),
+        }
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::String(self.as_ref().map_or_else(String::new, |u| u.name.clone()))
+    }
+}
+
+impl SettingValue for packenv_core::supervise::LandlockMode {
+    fn from_text(s: &str) -> Result<Self, String> {
+        Self::parse(s).ok_or_else(|| "expected best-effort, required or off".into())
+    }
+    fn to_toml(&self) -> toml::Value {
+        toml::Value::String(self.as_str().into())
+    }
+}
+
+/// A size limit in bytes (`"4GiB"`, `"512M"`, `"1048576"`), or a count; `"unlimited"` is none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limit(pub Option<u64>);
+
+impl SettingValue for Limit {
+    fn from_text(s: &str) -> Result<Self, String> {
+        if s == "unlimited" {
+            return Ok(Limit(None));
+        }
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (digits, unit) = s.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| {
+            "expected a number with an optional unit (K, M, G, KiB, MiB, GiB), or unlimited"
+                .to_string()
+        })?;
+        let factor: u64 = match unit.trim() {
+            "" => 1,
+            "K" | "KiB" | "k" => 1 << 10,
+            "M" | "MiB" => 1 << 20,
+            "G" | "GiB" => 1 << 30,
+            other => return Err(format!("unknown unit {other:?} (K, M, G, KiB, MiB, GiB)")),
+        };
+        n.checked_mul(factor)
+            .map(|v| Limit(Some(v)))
+            .ok_or_else(|| "too large".into())
+    }
+    fn to_toml(&self) -> toml::Value {
+        match self.0 {
+            None => toml::Value::String("unlimited".into()),
+            Some(v) if v % (1 << 30) == 0 => toml::Value::String(format!("{}GiB", v >> 30)),
+            Some(v) if v % (1 << 20) == 0 => toml::Value::String(format!("{}MiB", v >> 20)),
+            Some(v) => toml::Value::Integer(i64::try_from(v).unwrap_or(i64::MAX)),
+        }
+    }
+}
+
+/// TCP ports steps may connect to: a comma-separated list, or `"any"`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Ports(pub Option<Vec<u16>>);
+
+impl SettingValue for Ports {
+    fn from_text(s: &str) -> Result<Self, String> {
+        if s == "any" {
+            return Ok(Ports(None));
+        }
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| p.parse::<u16>().map_err(|_| format!("{p:?} is not a port")))
+            .collect::<Result<Vec<_>, _>>()
+            .map(|v| Ports(Some(v)))
+    }
+    fn from_toml(v: &toml::Value) -> Result<Self, String> {
+        match v {
+            toml::Value::Array(items) => items
+                .iter()
+                .map(|i| {
+                    i.as_integer()
+                        .and_then(|n| u16::try_from(n).ok())
+                        .ok_or_else(|| format!("{i} is not a port"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(|v| Ports(Some(v))),
+            toml::Value::String(s) => Self::from_text(s),
+            other => Err(format!(
+                "expected a list of ports or \"any\", found {other}"
+            )),
+        }
+    }
+    fn to_toml(&self) -> toml::Value {
+        match &self.0 {
+            None => toml::Value::String("any".into()),
+            Some(v) => toml::Value::Array(
+                v.iter()
+                    .map(|p| toml::Value::Integer(i64::from(*p)))
+                    .collect(),
+            ),
+        }
+    }
+}
+
 /// Checks that `v` lies in `min..=max`, for the declarations' bounds.
 pub fn within<T: PartialOrd + fmt::Debug>(v: T, min: T, max: T) -> Result<(), String> {
     if v < min || v > max {
@@ -247,6 +395,18 @@ mod tests {
         round(42usize);
         round(false);
         round("x".to_string());
+        round(Limit(Some(4 << 30)));
+        round(Limit(Some(1000)));
+        round(Limit(None));
+        round(Ports(Some(vec![80, 443])));
+        round(Ports(None));
+        round(Some(BuildUser {
+            name: "0:0".into(),
+            uid: 0,
+            gid: 0,
+        }));
+        round(None::<PathBuf>);
+        assert_eq!(Limit::from_text("512M").unwrap(), Limit(Some(512 << 20)));
     }
 
     #[test]

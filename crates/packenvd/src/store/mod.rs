@@ -184,6 +184,9 @@ pub struct EnvRow {
     pub pickup_secs: f64,
     /// The `last_verified` a verification claim set; its result is written only if unchanged.
     pub checked_at: Option<DateTime<Utc>>,
+    /// What the claim found the row to contradict (its pack's ref, another runtime's
+    /// directory); the build fails with it.
+    pub problem: Option<String>,
 }
 
 impl EnvRow {
@@ -199,6 +202,7 @@ impl EnvRow {
             installers: self.installers.clone(),
             fingerprint: self.fingerprint.clone(),
             metadata: self.metadata.clone(),
+            problem: self.problem.clone(),
         }
     }
 }

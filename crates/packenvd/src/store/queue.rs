@@ -11,8 +11,11 @@ use super::{Claim, EnvRow, Fence, Transition};
 /// The claim (DESIGN §3): up to `$3` claimable rows, oldest `run_after` first, in one statement
 /// that commits before any build starts. Its CTE reads `pack_environment_claimable_idx`, whose
 /// `WHERE` is the CTE's, so a claim never walks finished rows. A row without `env_path` gets
-/// `<envs_root>/<pack_ref>/<runtime name, lower-cased>` (`$4` is the envs root: the SQL side
-/// cannot know the daemon's config); the build still checks it before any write.
+/// `<envs_root>/<pack's ref>/<runtime name, lower-cased>` (`$4` is the envs root: the SQL side
+/// cannot know the daemon's config); the build still checks it before any write. `problem`
+/// says what the row contradicts: a `pack_ref` or `runtime_ref` that is not its pack's or
+/// runtime's ref, or a runtime whose directory name an older row of the same pack already has
+/// (names that differ only in case); the build then fails the row before anything runs.
 pub const CLAIM_SQL: &str = "WITH c AS MATERIALIZED (
          SELECT id, greatest(run_after, updated) AS claimable_since FROM pack_environment
          WHERE status IN ('pending', 'outdated') AND run_after <= now()
@@ -25,14 +28,30 @@ pub const CLAIM_SQL: &str = "WITH c AS MATERIALIZED (
          env_path = CASE
              WHEN pe.env_path IS NOT NULL
                   OR r.installers->'requires_environment' = 'false'::jsonb THEN pe.env_path
-             ELSE $4 || '/' || pe.pack_ref || '/' || lower(r.name) END
+             ELSE $4 || '/' || p.ref || '/' || lower(r.name) END
      FROM c, pack p, runtime r
      WHERE pe.id = c.id AND p.id = pe.pack AND r.id = pe.runtime
      RETURNING pe.id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, pe.env_path,
                p.storage_path, r.installers::text AS installers, pe.fingerprint,
                pe.metadata::text AS metadata, pe.claim_token, pe.attempts, pe.skip_if_current,
                extract(epoch FROM clock_timestamp() - c.claimable_since)::float8 AS pickup_secs,
-               NULL::timestamptz AS checked_at";
+               NULL::timestamptz AS checked_at,
+               CASE
+                 WHEN pe.pack_ref IS DISTINCT FROM p.ref THEN format(
+                   'the row''s pack_ref %L is not the ref %L of its pack (id %s)',
+                   pe.pack_ref, p.ref, p.id)
+                 WHEN pe.runtime_ref IS DISTINCT FROM r.ref THEN format(
+                   'the row''s runtime_ref %L is not the ref %L of its runtime (id %s)',
+                   pe.runtime_ref, r.ref, r.id)
+                 ELSE (SELECT format(
+                   'runtime %s and runtime %s of pack %s would share the directory %L (their names differ only in case); rename one of them',
+                   r.ref, ro.ref, p.ref, lower(r.name))
+                   FROM pack_environment o JOIN runtime ro ON ro.id = o.runtime
+                   WHERE o.pack = pe.pack AND o.id < pe.id AND lower(ro.name) = lower(r.name)
+                     AND r.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
+                     AND ro.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
+                   LIMIT 1)
+               END AS problem";
 
 /// Claims up to `limit` claimable rows for `instance` with a lease of `lease`.
 pub async fn claim(

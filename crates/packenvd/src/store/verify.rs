@@ -45,7 +45,7 @@ pub async fn claim_verification(
                    p.storage_path, r.installers::text AS installers, pe.fingerprint,
                    pe.metadata::text AS metadata, NULL::uuid AS claim_token, pe.attempts,
                    false AS skip_if_current, 0::float8 AS pickup_secs,
-                   pe.last_verified AS checked_at",
+                   pe.last_verified AS checked_at, NULL::text AS problem",
     )
     .bind(cutoff)
     .bind(pack_ref)

@@ -30,6 +30,12 @@ impl Env {
             ("cache_dir", p("cache")),
             ("concurrency", "4".to_string()),
             ("step_timeout", "2m".to_string()),
+            // Builds run by the test process itself are supervised like the daemon's.
+            (
+                "step_supervisor",
+                env!("CARGO_BIN_EXE_packenvd").to_string(),
+            ),
+            ("step_writable", p("scratch")),
         ]);
         for (k, v) in extra {
             flags.insert(k, v.to_string());
@@ -46,7 +52,14 @@ impl Env {
         .expect("settings")
         .settings;
         std::fs::create_dir_all(dir.path().join("packs")).expect("packs dir");
+        std::fs::create_dir_all(dir.path().join("scratch")).expect("scratch dir");
         Env { dir, settings }
+    }
+
+    /// A directory outside the envs root that steps may write to (`step_writable`): where a
+    /// test's step leaves a trace for the test to read.
+    pub fn scratch(&self) -> PathBuf {
+        self.dir.path().join("scratch")
     }
 
     pub fn worker(&self, pool: &PgPool) -> Worker {
@@ -192,6 +205,7 @@ impl Daemon {
             .env("PACKENVD_PACKS_DIR", &s.packs_dir)
             .env("PACKENVD_CACHE_DIR", &s.cache_dir)
             .env("PACKENVD_INSTANCE_NAME", name)
+            .env("PACKENVD_STEP_WRITABLE", env.scratch())
             .stdout(out.try_clone().expect("dup"))
             .stderr(out);
         for (k, v) in vars {

@@ -1,0 +1,549 @@
+//! The step supervisor: a small process between the daemon and each step (`packenvd
+//! __supervise [options] -- PROGRAM ARGS...`). It makes every step a closed box (DESIGN §6):
+//!
+//! - it is a child subreaper, so whatever the step leaves behind (a `setsid` daemon, a
+//!   double fork) becomes its child, and when the step ends it kills every descendant;
+//! - its stdin is a pipe from the daemon: when that pipe closes (the daemon cancels the step,
+//!   times it out, shuts down, or dies, even by `kill -9`) it kills the whole tree and exits;
+//! - it closes every inherited descriptor but 0, 1 and 2, sets the step's resource limits
+//!   (memory, processes, file size; no core dumps), and confines the step with Landlock: writes
+//!   only to the directories given, TCP connects only to the ports given, and no reading of the
+//!   paths given as hidden;
+//! - it exits as the step did: the same status, or killed by the same signal.
+//!
+//! It runs single-threaded but for one thread that waits on the control pipe, and it was
+//! started as the build user when the daemon has one, so everything it kills is its own.
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::OsString;
+use std::io::Read;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use landlock::{
+    Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset,
+    RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
+};
+use nix::sys::signal::{kill, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+
+/// The Landlock ABI this code was written and tested against; newer kernels are asked for no
+/// more, older ones give what they have (best effort) unless the mode is `required`.
+const TARGET_ABI: ABI = ABI::V7;
+
+/// How strictly Landlock is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LandlockMode {
+    Off,
+    /// Use what the kernel has; run unconfined where it has nothing.
+    BestEffort,
+    /// Refuse to run a step that cannot be fully confined.
+    Required,
+}
+
+impl LandlockMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LandlockMode::Off => "off",
+            LandlockMode::BestEffort => "best-effort",
+            LandlockMode::Required => "required",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "off" => Some(LandlockMode::Off),
+            "best-effort" => Some(LandlockMode::BestEffort),
+            "required" => Some(LandlockMode::Required),
+            _ => None,
+        }
+    }
+}
+
+/// What the supervisor applies to one step; also its command line.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Confinement {
+    pub landlock: LandlockMode,
+    /// Directories (and files) the step may write beneath; everything else is read-only.
+    pub writable: Vec<PathBuf>,
+    /// Paths the step may not read (the daemon's credentials and config).
+    pub hidden: Vec<PathBuf>,
+    /// TCP ports the step may connect to; `None` for any.
+    pub tcp_ports: Option<Vec<u16>>,
+    /// `RLIMIT_AS` in bytes.
+    pub memory: Option<u64>,
+    /// `RLIMIT_NPROC`: processes of the step's user.
+    pub processes: Option<u64>,
+    /// `RLIMIT_FSIZE` in bytes: the largest file the step may write.
+    pub file_size: Option<u64>,
+}
+
+impl Confinement {
+    /// The options of `__supervise`, before `--`.
+    pub fn to_args(&self) -> Vec<OsString> {
+        let mut a: Vec<OsString> = vec!["--landlock".into(), self.landlock.as_str().into()];
+        for p in &self.writable {
+            a.extend(["--write".into(), p.clone().into_os_string()]);
+        }
+        for p in &self.hidden {
+            a.extend(["--hide".into(), p.clone().into_os_string()]);
+        }
+        match &self.tcp_ports {
+            None => a.push("--any-port".into()),
+            Some(ports) => {
+                for p in ports {
+                    a.extend(["--port".into(), p.to_string().into()]);
+                }
+            }
+        }
+        for (flag, v) in [
+            ("--memory", self.memory),
+            ("--processes", self.processes),
+            ("--file-size", self.file_size),
+        ] {
+            if let Some(v) = v {
+                a.extend([flag.into(), v.to_string().into()]);
+            }
+        }
+        a
+    }
+
+    /// Parses the options of `__supervise`; returns them and the step's command line.
+    pub fn from_args(args: &[OsString]) -> Result<(Confinement, Vec<OsString>), String> {
+        let mut c = Confinement {
+            landlock: LandlockMode::BestEffort,
+            writable: Vec::new(),
+            hidden: Vec::new(),
+            tcp_ports: Some(Vec::new()),
+            memory: None,
+            processes: None,
+            file_size: None,
+        };
+        let mut it = args.iter();
+        let text = |v: Option<&OsString>, flag: &str| {
+            v.and_then(|v| v.to_str())
+                .map(str::to_owned)
+                .ok_or_else(|| format!("{flag} needs a value"))
+        };
+        let number = |v: Option<&OsString>, flag: &str| {
+            text(v, flag)?
+                .parse::<u64>()
+                .map_err(|e| format!("{flag}: {e}"))
+        };
+        while let Some(arg) = it.next() {
+            match arg.to_str() {
+                Some("--") => return Ok((c, it.cloned().collect())),
+                Some("--landlock") => {
+                    let v = text(it.next(), "--landlock")?;
+                    c.landlock = LandlockMode::parse(&v)
+                        .ok_or_else(|| format!("--landlock {v}: off, best-effort or required"))?;
+                }
+                Some("--write") => c
+                    .writable
+                    .push(it.next().ok_or("--write needs a path")?.into()),
+                Some("--hide") => c
+                    .hidden
+                    .push(it.next().ok_or("--hide needs a path")?.into()),
+                Some("--any-port") => c.tcp_ports = None,
+                Some("--port") => {
+                    let p = number(it.next(), "--port")?;
+                    let p = u16::try_from(p).map_err(|_| format!("--port {p}: not a port"))?;
+                    c.tcp_ports.get_or_insert_with(Vec::new).push(p);
+                }
+                Some("--memory") => c.memory = Some(number(it.next(), "--memory")?),
+                Some("--processes") => c.processes = Some(number(it.next(), "--processes")?),
+                Some("--file-size") => c.file_size = Some(number(it.next(), "--file-size")?),
+                _ => return Err(format!("unknown option {arg:?}")),
+            }
+        }
+        Err("no `--` before the step's command".into())
+    }
+}
+
+/// Exit status of the supervisor when it could not start the step at all (as a shell's 126).
+pub const SUPERVISOR_FAILED: i32 = 126;
+
+/// The supervisor's `main`: never returns.
+pub fn main(args: &[OsString]) -> ! {
+    let fail = |what: String| -> ! {
+        eprintln!("packenvd supervisor: {what}");
+        std::process::exit(SUPERVISOR_FAILED)
+    };
+    if args.first().and_then(|a| a.to_str()) == Some("--probe") {
+        let status = probe();
+        println!("{status}");
+        std::process::exit(0);
+    }
+    let (conf, command) = Confinement::from_args(args).unwrap_or_else(|e| fail(e));
+    let Some((program, step_args)) = command.split_first() else {
+        fail("no command to run".into())
+    };
+    // The daemon's end of stdin is the control pipe; keep a private copy of it and give the
+    // step /dev/null.
+    let control = rustix::io::fcntl_dupfd_cloexec(std::io::stdin().as_fd(), 3)
+        .unwrap_or_else(|e| fail(format!("cannot keep the control pipe: {e}")));
+    close_inherited_descriptors();
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        fail(format!("cannot become a subreaper: {e}"));
+    }
+    if let Err(e) = set_limits(&conf) {
+        fail(e);
+    }
+    if conf.landlock != LandlockMode::Off {
+        match confine(&conf) {
+            Ok(RulesetStatus::FullyEnforced) => {}
+            Ok(status) if conf.landlock == LandlockMode::Required => fail(format!(
+                "Landlock is required but the kernel enforces it only {}",
+                describe(status)
+            )),
+            Ok(_) => {}
+            Err(e) => fail(format!("cannot apply Landlock: {e}")),
+        }
+    }
+    let child = match Command::new(program)
+        .args(step_args)
+        .stdin(std::process::Stdio::null())
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("packenvd supervisor: cannot start {program:?}: {e}");
+            std::process::exit(if e.kind() == std::io::ErrorKind::NotFound {
+                127
+            } else {
+                SUPERVISOR_FAILED
+            });
+        }
+    };
+    let child = Pid::from_raw(child.id() as i32);
+    std::thread::spawn(move || watch_control(control));
+    let status = reap_until(child);
+    kill_descendants();
+    exit_like(status)
+}
+
+/// Waits for the daemon to close the control pipe (cancel, timeout, shutdown, death), then
+/// kills the step and everything it started.
+fn watch_control(control: OwnedFd) {
+    let mut f = std::fs::File::from(control);
+    let mut buf = [0u8; 64];
+    loop {
+        match f.read(&mut buf) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    kill_descendants();
+}
+
+/// Reaps every child that ends (orphans of the step come to us) until `main_child` does.
+fn reap_until(main_child: Pid) -> WaitStatus {
+    loop {
+        match waitpid(None, None) {
+            Ok(status @ (WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _)))
+                if pid == main_child =>
+            {
+                return status
+            }
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(_) => return WaitStatus::Signaled(main_child, Signal::SIGKILL, false),
+        }
+    }
+}
+
+/// Kills every descendant of this process, round after round: a process whose parent dies
+/// comes to us (we are a subreaper) and is found in the next round.
+fn kill_descendants() {
+    let me = std::process::id() as i32;
+    for _ in 0..500 {
+        let found = descendants(me);
+        if found.is_empty() {
+            return;
+        }
+        for pid in found {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        while let Ok(status) = waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            if status == WaitStatus::StillAlive {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
+/// The pids below `root` in the process tree, read from `/proc`.
+pub fn descendants(root: i32) -> Vec<i32> {
+    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    for e in entries.flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(e.path().join("stat")) else {
+            continue;
+        };
+        // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+        let Some(after) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            continue;
+        };
+        if let Some(ppid) = after.split_whitespace().nth(1).and_then(|p| p.parse().ok()) {
+            children.entry(ppid).or_default().push(pid);
+        }
+    }
+    let mut out = Vec::new();
+    let mut queue = vec![root];
+    let mut seen = HashSet::new();
+    while let Some(p) = queue.pop() {
+        for &c in children.get(&p).map(Vec::as_slice).unwrap_or_default() {
+            if seen.insert(c) {
+                out.push(c);
+                queue.push(c);
+            }
+        }
+    }
+    out
+}
+
+/// Ends this process the way the step ended.
+fn exit_like(status: WaitStatus) -> ! {
+    match status {
+        WaitStatus::Exited(_, code) => std::process::exit(code),
+        WaitStatus::Signaled(_, sig, _) => {
+            reset_disposition(sig);
+            let _ = kill(Pid::this(), sig);
+            // A signal whose default is not to terminate cannot have ended the step; be sure.
+            std::process::exit(128 + sig as i32)
+        }
+        _ => std::process::exit(SUPERVISOR_FAILED),
+    }
+}
+
+/// Puts `sig` back to its default action, so that raising it ends this process as it ended
+/// the step (Rust ignores SIGPIPE in every program it starts).
+#[allow(unsafe_code)]
+fn reset_disposition(sig: Signal) {
+    if sig == Signal::SIGKILL || sig == Signal::SIGSTOP {
+        return;
+    }
+    // SAFETY: SIG_DFL installs no handler; nothing of ours runs on the signal.
+    unsafe {
+        let _ = nix::sys::signal::signal(sig, nix::sys::signal::SigHandler::SigDfl);
+    }
+}
+
+/// Marks every descriptor above 2 close-on-exec, so the step inherits only stdin, stdout and
+/// stderr whatever the daemon's own parent left open.
+pub fn close_inherited_descriptors() {
+    let Ok(entries) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    let fds: Vec<i32> = entries
+        .flatten()
+        .filter_map(|e| e.file_name().to_str().and_then(|n| n.parse().ok()))
+        .filter(|&fd| fd > 2)
+        .collect();
+    for fd in fds {
+        let _ = nix::fcntl::fcntl(
+            fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+}
+
+fn set_limits(conf: &Confinement) -> Result<(), String> {
+    use nix::sys::resource::{setrlimit, Resource};
+    let set = |r: Resource, v: u64, what: &str| {
+        setrlimit(r, v, v).map_err(|e| format!("cannot limit {what} to {v}: {e}"))
+    };
+    set(Resource::RLIMIT_CORE, 0, "core dumps")?;
+    if let Some(v) = conf.memory {
+        set(Resource::RLIMIT_AS, v, "memory")?;
+    }
+    if let Some(v) = conf.processes {
+        set(Resource::RLIMIT_NPROC, v, "processes")?;
+    }
+    if let Some(v) = conf.file_size {
+        set(Resource::RLIMIT_FSIZE, v, "file size")?;
+    }
+    Ok(())
+}
+
+fn describe(status: RulesetStatus) -> &'static str {
+    match status {
+        RulesetStatus::FullyEnforced => "fully",
+        RulesetStatus::PartiallyEnforced => "partially",
+        RulesetStatus::NotEnforced => "not at all",
+    }
+}
+
+/// What Landlock enforces on this kernel for a step's ruleset: "fully enforced", "partially
+/// enforced" or "not enforced". Run in a throwaway process (it confines the caller).
+fn probe() -> String {
+    let conf = Confinement {
+        landlock: LandlockMode::BestEffort,
+        writable: vec![std::env::temp_dir()],
+        hidden: Vec::new(),
+        tcp_ports: Some(vec![443]),
+        memory: None,
+        processes: None,
+        file_size: None,
+    };
+    match confine(&conf) {
+        Ok(s) => format!("landlock {} enforced", describe(s)),
+        Err(e) => format!("landlock unavailable: {e}"),
+    }
+}
+
+/// Confines this process (and so the step it starts) with Landlock.
+fn confine(conf: &Confinement) -> Result<RulesetStatus, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let abi = TARGET_ABI;
+    // Only what exists can be hidden; with nothing to hide, reads are not restricted at all.
+    let hidden: Vec<PathBuf> = conf
+        .hidden
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let mut handled = AccessFs::from_write(abi);
+    if !hidden.is_empty() {
+        handled |= AccessFs::from_read(abi);
+    }
+    let mut ruleset = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(handled)
+        .map_err(|e| err(&e))?;
+    if conf.tcp_ports.is_some() {
+        ruleset = ruleset
+            .handle_access(AccessNet::ConnectTcp)
+            .map_err(|e| err(&e))?;
+    }
+    let mut wanted: Vec<(PathBuf, landlock::BitFlags<AccessFs>)> = conf
+        .writable
+        .iter()
+        .map(|p| (p.clone(), AccessFs::from_all(abi)))
+        .collect();
+    wanted.push(("/dev/null".into(), AccessFs::from_all(abi)));
+    if !hidden.is_empty() {
+        wanted.extend(readable_except(&hidden, abi));
+    }
+    let mut created = ruleset.create().map_err(|e| err(&e))?;
+    for (path, access) in wanted {
+        // A path that does not exist needs no rule.
+        let Ok(fd) = PathFd::new(&path) else {
+            continue;
+        };
+        let access = if path.is_dir() {
+            access
+        } else {
+            access & AccessFs::from_file(abi)
+        };
+        created = created
+            .add_rule(PathBeneath::new(fd, access & handled))
+            .map_err(|e| err(&e))?;
+    }
+    if let Some(ports) = &conf.tcp_ports {
+        for &port in ports {
+            created = created
+                .add_rule(NetPort::new(port, AccessNet::ConnectTcp))
+                .map_err(|e| err(&e))?;
+        }
+    }
+    let status = created.restrict_self().map_err(|e| err(&e))?;
+    Ok(status.ruleset)
+}
+
+/// Read rules for the whole file system but the `hidden` paths: at each directory on the way
+/// to a hidden path, every sibling gets read access beneath it, and the directory itself only
+/// its listing. A symlink that leads to a hidden path, or above one, gets nothing.
+fn readable_except(hidden: &[PathBuf], abi: ABI) -> Vec<(PathBuf, landlock::BitFlags<AccessFs>)> {
+    let hidden: HashSet<PathBuf> = hidden
+        .iter()
+        .filter_map(|p| std::fs::canonicalize(p).ok())
+        .collect();
+    let mut above: HashSet<PathBuf> = HashSet::new();
+    for h in &hidden {
+        let mut p = h.as_path();
+        while let Some(parent) = p.parent() {
+            above.insert(parent.to_owned());
+            p = parent;
+        }
+    }
+    let touches_hidden = |p: &Path| {
+        std::fs::canonicalize(p)
+            .is_ok_and(|real| above.contains(&real) || hidden.iter().any(|h| real.starts_with(h)))
+    };
+    let mut rules = Vec::new();
+    let mut dirs: Vec<PathBuf> = above.iter().cloned().collect();
+    dirs.sort();
+    for dir in dirs {
+        rules.push((dir.clone(), make_bitflags_read_dir()));
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let path = e.path();
+            if hidden.contains(&path) || above.contains(&path) || touches_hidden(&path) {
+                continue;
+            }
+            rules.push((path, AccessFs::from_read(abi)));
+        }
+    }
+    rules
+}
+
+fn make_bitflags_read_dir() -> landlock::BitFlags<AccessFs> {
+    AccessFs::ReadDir.into()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_round_trip_through_the_command_line() {
+        let c = Confinement {
+            landlock: LandlockMode::Required,
+            writable: vec!["/envs/p/.python-1".into(), "/cache/python".into()],
+            hidden: vec!["/etc/packenvd".into()],
+            tcp_ports: Some(vec![80, 443]),
+            memory: Some(1 << 30),
+            processes: None,
+            file_size: Some(1 << 20),
+        };
+        let mut args = c.to_args();
+        args.extend(["--".into(), "pip".into(), "install".into()]);
+        let (parsed, command) = Confinement::from_args(&args).unwrap();
+        assert_eq!(parsed, c);
+        assert_eq!(command, [OsString::from("pip"), OsString::from("install")]);
+        assert!(Confinement::from_args(&["--bogus".into()]).is_err());
+        assert!(Confinement::from_args(&["--port".into(), "70000".into(), "--".into()]).is_err());
+    }
+
+    #[test]
+    fn descendants_are_found_through_the_process_tree() {
+        let mut child = Command::new("sh")
+            .args(["-c", "sleep 30 & wait"])
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        let mine = descendants(std::process::id() as i32);
+        assert!(mine.contains(&(child.id() as i32)), "{mine:?}");
+        // Only the shell's own tree: other tests of this process have children too.
+        let below = descendants(child.id() as i32);
+        assert_eq!(below.len(), 1, "the sleep below the shell: {below:?}");
+        for p in below {
+            let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
