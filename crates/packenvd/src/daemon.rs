@@ -36,6 +36,13 @@ pub async fn run(
     filter: LogFilter,
 ) -> Result<(), Error> {
     migrate_if_needed(&pool).await?;
+    let protections = crate::hardening::Protections::detect(&settings)
+        .await
+        .map_err(|e| Error::Io {
+            what: "refusing to run steps without a required protection".into(),
+            source: std::io::Error::other(e),
+        })?;
+    protections.log();
     let worker = Worker::new(pool.clone(), Arc::new(settings.clone()));
     let shutdown = worker.shutdown();
     let metrics_server = settings.metrics_listen.map(|addr| {

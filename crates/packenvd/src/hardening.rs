@@ -31,3 +31,125 @@ pub fn forget_secrets() {
 pub fn is_dumpable() -> bool {
     nix::sys::prctl::get_dumpable().unwrap_or(true)
 }
+
+/// What protects the host from the steps of this daemon, found out at start-up.
+#[derive(Debug, Clone)]
+pub struct Protections {
+    /// One line per protection, e.g. "landlock fully enforced".
+    pub active: Vec<String>,
+    /// What is missing and what that means.
+    pub missing: Vec<String>,
+}
+
+impl Protections {
+    /// Checks each protection the settings ask for; an error when one that is required is
+    /// not available (Landlock with `landlock = "required"`, a build user the daemon cannot
+    /// switch to).
+    pub async fn detect(settings: &crate::config::Settings) -> Result<Protections, String> {
+        let mut p = Protections {
+            active: Vec::new(),
+            missing: Vec::new(),
+        };
+        if is_dumpable() {
+            p.missing
+                .push("the daemon is dumpable: processes of its user can read its memory".into());
+        } else {
+            p.active.push("the daemon is not dumpable".into());
+        }
+        let Some(sandbox) = settings.sandbox_config() else {
+            p.missing.push(
+                "steps run unsupervised (step_supervisor): what they leave behind survives them, and no limit or Landlock applies"
+                    .into(),
+            );
+            return Ok(p);
+        };
+        let mut probe = tokio::process::Command::new(&sandbox.supervisor[0]);
+        probe
+            .args(&sandbox.supervisor[1..])
+            .arg("--probe")
+            .env_clear()
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true);
+        if let Some((uid, gid)) = sandbox.user {
+            probe.uid(uid).gid(gid);
+        }
+        let answer =
+            tokio::time::timeout(std::time::Duration::from_secs(10), probe.output()).await;
+        let out = match answer {
+            Ok(Ok(out)) if out.status.success() => out,
+            Ok(Ok(out)) => {
+                return Err(format!(
+                    "the step supervisor {:?} failed: {}",
+                    sandbox.supervisor[0],
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+            Ok(Err(e))
+                if sandbox.user.is_some() && e.kind() == std::io::ErrorKind::PermissionDenied =>
+            {
+                return Err(format!(
+                    "build_user is set, but this daemon may not switch to it ({e}): it needs CAP_SETUID and CAP_SETGID (see deploy/packenvd.service)"
+                ))
+            }
+            Ok(Err(e)) => {
+                return Err(format!(
+                    "cannot start the step supervisor {:?}: {e}",
+                    sandbox.supervisor[0]
+                ))
+            }
+            Err(_) => return Err("the step supervisor did not answer within 10 s".into()),
+        };
+        let landlock = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        p.active.push(format!(
+            "steps supervised by {} (every process a step starts dies with it)",
+            sandbox.supervisor[0].to_string_lossy()
+        ));
+        let limit = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
+        p.active.push(format!(
+            "step limits: address space {} bytes, {} processes, files of {} bytes",
+            limit(sandbox.memory),
+            limit(sandbox.processes),
+            limit(sandbox.file_size)
+        ));
+        match &settings.build_user {
+            Some(u) => p
+                .active
+                .push(format!("steps run as build user {} (uid {})", u.name, u.uid)),
+            None => p.missing.push(
+                "no build_user: steps run as the daemon's user, so only Landlock keeps them from its files and its database login"
+                    .into(),
+            ),
+        }
+        use packenv_core::supervise::LandlockMode;
+        match (sandbox.landlock, landlock.contains("fully enforced")) {
+            (LandlockMode::Off, _) => p.missing.push(
+                "landlock = off: steps may write anywhere the user may, and connect anywhere"
+                    .into(),
+            ),
+            (_, true) => p.active.push(format!(
+                "{landlock}: steps write only to their build, cache and tmp; TCP connects only to ports {}",
+                sandbox
+                    .tcp_ports
+                    .as_ref()
+                    .map_or_else(|| "(any)".to_string(), |v| format!("{v:?}"))
+            )),
+            (LandlockMode::Required, false) => {
+                return Err(format!(
+                    "landlock = \"required\", but on this kernel: {landlock}"
+                ))
+            }
+            (LandlockMode::BestEffort, false) => p.missing.push(format!(
+                "{landlock}: steps are not confined to their directories and ports (kernel 5.13+ with Landlock, 6.7+ for ports)"
+            )),
+        }
+        Ok(p)
+    }
+
+    /// Logs one line saying what is active, and a warning for each missing protection.
+    pub fn log(&self) {
+        tracing::info!(protections = %self.active.join("; "), "protections");
+        for m in &self.missing {
+            tracing::warn!("protection missing: {m}");
+        }
+    }
+}

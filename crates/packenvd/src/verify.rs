@@ -78,13 +78,29 @@ pub async fn run_pass(
             .buffer_unordered(settings.concurrency.max(1))
             .collect()
             .await;
-        for (row, failure) in checked {
+        for (i, (row, failure)) in checked.iter().enumerate() {
             let Some(checked_at) = row.checked_at else {
                 continue;
             };
-            let written = store::finish_verification(pool, row.id, checked_at, failure.as_deref())
-                .await
-                .map_err(Error::db("recording a verification"))?;
+            let written = match store::finish_verification(
+                pool,
+                row.id,
+                checked_at,
+                failure.as_deref(),
+            )
+            .await
+            {
+                Ok(w) => w,
+                Err(e) => {
+                    // Rows of this batch not yet recorded go back unchecked, so they are
+                    // not counted as verified for verify_max_age.
+                    let rest: Vec<&EnvRow> = checked[i..].iter().map(|(r, _)| r).collect();
+                    if let Err(release) = store::release_verification(pool, &rest).await {
+                        tracing::warn!(error = %crate::error::chain(&release), rows = rest.len(), "cannot give unchecked rows back");
+                    }
+                    return Err(Error::db("recording a verification")(e));
+                }
+            };
             match (&failure, written) {
                 (Some(reason), true) => {
                     tracing::warn!(pack_ref = %row.pack_ref, runtime_ref = %row.runtime_ref, env_id = row.id, reason = %reason, "verification failed: outdated, will be rebuilt")
@@ -97,9 +113,9 @@ pub async fn run_pass(
                 }
             }
             findings.push(Finding {
-                pack_ref: row.pack_ref,
-                runtime_ref: row.runtime_ref,
-                failure,
+                pack_ref: row.pack_ref.clone(),
+                runtime_ref: row.runtime_ref.clone(),
+                failure: failure.clone(),
             });
         }
     }

@@ -53,12 +53,14 @@ pub enum BuildError {
     /// The pack's files are not where the row says.
     #[error("pack directory {} does not exist or is not a directory", path.display())]
     PackMissing { path: PathBuf },
-    /// A step failed: its name, its command, how it ended, and the output's tail.
-    #[error("step '{name}' (`{command}`) {outcome}.\n--- output tail ---\n{tail}")]
+    /// A step failed: its name, its command, how it ended (with a limit it hit, if one
+    /// explains it), and the output's tail.
+    #[error("step '{name}' (`{command}`) {outcome}{}.\n--- output tail ---\n{tail}", hint.as_ref().map(|h| format!(" ({h})")).unwrap_or_default())]
     Step {
         name: String,
         command: String,
         outcome: Outcome,
+        hint: Option<String>,
         tail: String,
     },
     /// A step's command is a bare name that is not on the steps' PATH.
@@ -144,6 +146,48 @@ impl BuildError {
     }
 }
 
+/// Which of the step's limits explains how it ended, if one does: a file-size signal, or output
+/// that says memory or processes ran out.
+pub fn limit_hint(
+    outcome: &Outcome,
+    tail: &str,
+    limits: Option<&crate::supervise::Confinement>,
+) -> Option<String> {
+    use std::os::unix::process::ExitStatusExt;
+    let limits = limits?;
+    let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
+    if let Outcome::Exited(status) = outcome {
+        if status.signal() == Some(nix::sys::signal::Signal::SIGXFSZ as i32) {
+            return Some(format!(
+                "it wrote a file larger than step_max_file_size, {} bytes",
+                show(limits.file_size)
+            ));
+        }
+    }
+    let memory = [
+        "MemoryError",
+        "Cannot allocate memory",
+        "out of memory",
+        "std::bad_alloc",
+        "heap out of memory",
+        "memory allocation of",
+    ];
+    if limits.memory.is_some() && memory.iter().any(|m| tail.contains(m)) {
+        return Some(format!(
+            "it ran out of memory: step_memory_limit is {} bytes of address space per process",
+            show(limits.memory)
+        ));
+    }
+    let processes = ["Resource temporarily unavailable", "fork: retry", "Cannot fork"];
+    if limits.processes.is_some() && processes.iter().any(|m| tail.contains(m)) {
+        return Some(format!(
+            "it could not start more processes: step_max_processes is {}",
+            show(limits.processes)
+        ));
+    }
+    None
+}
+
 /// A failed build and what is still served in its place.
 #[derive(Debug, thiserror::Error)]
 #[error("{error}{}", served.as_ref().map(|b| format!(" The previous build {} is still served.", b.display())).unwrap_or_default())]
@@ -173,6 +217,7 @@ mod tests {
             name: "install".into(),
             command: "pip install".into(),
             outcome,
+            hint: None,
             tail: tail.into(),
         }
     }

@@ -377,11 +377,17 @@ async fn run_plan(
             continue;
         }
         log.line(&format!("==> {sentence} after {took}"));
+        let tail = tail_lines(&log.render(), 20, 4000);
         return Err(BuildError::Step {
             name: step.name.clone(),
             command: step.inv.display(),
+            hint: error::limit_hint(
+                &outcome,
+                &tail,
+                step.inv.supervised.as_ref().map(|s| &s.confinement),
+            ),
             outcome,
-            tail: tail_lines(&log.render(), 20, 4000),
+            tail,
         });
     }
 

@@ -187,6 +187,10 @@ pub struct EnvRow {
     /// What the claim found the row to contradict (its pack's ref, another runtime's
     /// directory); the build fails with it.
     pub problem: Option<String>,
+    /// For a verification: `last_verified` and `last_verify_result` before the claim, to give
+    /// the row back unchecked when the pass cannot finish.
+    pub previous_verified: Option<DateTime<Utc>>,
+    pub previous_result: Option<String>,
 }
 
 impl EnvRow {

@@ -51,7 +51,8 @@ pub const CLAIM_SQL: &str = "WITH c AS MATERIALIZED (
                      AND r.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
                      AND ro.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
                    LIMIT 1)
-               END AS problem";
+               END AS problem,
+               NULL::timestamptz AS previous_verified, NULL::text AS previous_result";
 
 /// Claims up to `limit` claimable rows for `instance` with a lease of `lease`.
 pub async fn claim(

@@ -31,7 +31,8 @@ pub async fn claim_verification(
 ) -> Result<Vec<EnvRow>, sqlx::Error> {
     sqlx::query_as(
         "WITH c AS MATERIALIZED (
-             SELECT id FROM pack_environment
+             SELECT id, last_verified AS previous_verified, last_verify_result AS previous_result
+             FROM pack_environment
              WHERE status = 'ready' AND (last_verified IS NULL OR last_verified < $1)
                AND ($2::text IS NULL OR pack_ref = $2) AND ($3::text IS NULL OR runtime_ref = $3)
              ORDER BY last_verified NULLS FIRST, id
@@ -45,7 +46,8 @@ pub async fn claim_verification(
                    p.storage_path, r.installers::text AS installers, pe.fingerprint,
                    pe.metadata::text AS metadata, NULL::uuid AS claim_token, pe.attempts,
                    false AS skip_if_current, 0::float8 AS pickup_secs,
-                   pe.last_verified AS checked_at, NULL::text AS problem",
+                   pe.last_verified AS checked_at, NULL::text AS problem,
+                   c.previous_verified, c.previous_result",
     )
     .bind(cutoff)
     .bind(pack_ref)
@@ -54,6 +56,30 @@ pub async fn claim_verification(
     .bind(instance)
     .fetch_all(pool)
     .await
+}
+
+/// Gives rows taken by [`claim_verification`] back unchecked (a pass that could not finish):
+/// their `last_verified` and result are what they were, so the next pass takes them again
+/// instead of their counting as checked for `verify_max_age`.
+pub async fn release_verification(pool: &PgPool, rows: &[&EnvRow]) -> Result<u64, sqlx::Error> {
+    let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+    let checked: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.checked_at).collect();
+    let previous: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.previous_verified).collect();
+    let results: Vec<Option<String>> = rows.iter().map(|r| r.previous_result.clone()).collect();
+    let r = sqlx::query(
+        "UPDATE pack_environment pe
+         SET last_verified = u.previous, last_verify_result = u.result
+         FROM unnest($1::int8[], $2::timestamptz[], $3::timestamptz[], $4::text[])
+              AS u(id, checked, previous, result)
+         WHERE pe.id = u.id AND pe.last_verified = u.checked",
+    )
+    .bind(ids)
+    .bind(checked)
+    .bind(previous)
+    .bind(results)
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
 }
 
 /// Records a verification. A failure sends the row to `outdated` with the reason, which

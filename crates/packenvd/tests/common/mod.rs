@@ -7,6 +7,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use packenvd::config::{Layers, Settings};
+
+mod cluster;
+mod daemon;
+#[allow(unused_imports)]
+pub use cluster::*;
+#[allow(unused_imports)]
+pub use daemon::*;
 use packenvd::worker::Worker;
 use sqlx::PgPool;
 
@@ -186,63 +193,30 @@ pub fn database_url(pool: &PgPool) -> String {
     format!("{}/{}{}", &base[..path_start], db, &base[path_end..])
 }
 
-/// A `packenvd run` process with its output in a file.
-pub struct Daemon {
-    pub child: std::process::Child,
-    pub log: PathBuf,
+/// Whether the tests run as root: tests that run the daemon as another user need it.
+pub fn is_root() -> bool {
+    nix::unistd::Uid::effective().is_root()
 }
 
-impl Daemon {
-    pub fn spawn(env: &Env, url: &str, name: &str, vars: &[(&str, &str)], args: &[&str]) -> Daemon {
-        let log = env.dir.path().join(format!("daemon-{name}.log"));
-        let out = std::fs::File::create(&log).expect("daemon log");
-        let s = &env.settings;
-        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
-        cmd.arg("run")
-            .args(args)
-            .env("DATABASE_URL", url)
-            .env("PACKENVD_ENVS_ROOT", &s.envs_root)
-            .env("PACKENVD_PACKS_DIR", &s.packs_dir)
-            .env("PACKENVD_CACHE_DIR", &s.cache_dir)
-            .env("PACKENVD_INSTANCE_NAME", name)
-            .env("PACKENVD_STEP_WRITABLE", env.scratch())
-            .stdout(out.try_clone().expect("dup"))
-            .stderr(out);
-        for (k, v) in vars {
-            cmd.env(k, v);
+/// Gives `path` (a file, or a directory and all in it) to `uid`, and makes the directory
+/// chain above it traversable, so a daemon running as `uid` can work in it.
+pub fn give_to(path: &Path, uid: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let status = std::process::Command::new("chown")
+        .args(["-R", &format!("{uid}:{uid}")])
+        .arg(path)
+        .status()
+        .expect("chown");
+    assert!(status.success());
+    let mut p = path.parent();
+    while let Some(dir) = p {
+        if dir == Path::new("/") || dir == std::env::temp_dir() {
+            break;
         }
-        Daemon {
-            child: cmd.spawn().expect("spawn packenvd"),
-            log,
-        }
-    }
-
-    pub fn signal(&self, sig: nix::sys::signal::Signal) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        nix::sys::signal::kill(pid, sig).expect("kill");
-    }
-
-    /// Waits up to `limit` for the process to exit; returns how long it took.
-    pub fn wait_exit(&mut self, limit: std::time::Duration) -> Option<std::time::Duration> {
-        let started = std::time::Instant::now();
-        while started.elapsed() < limit {
-            if self.child.try_wait().expect("try_wait").is_some() {
-                return Some(started.elapsed());
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        None
-    }
-
-    pub fn output(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mode = std::fs::metadata(dir).expect("stat").permissions().mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o711))
+            .expect("chmod");
+        p = dir.parent();
     }
 }
 
@@ -287,129 +261,6 @@ pub fn processes_with(needle: &str) -> Vec<String> {
     found
 }
 
-/// A PostgreSQL cluster of one test's own, for tests that stop and start the server (the
-/// shared test server must stay up for every other test). Runs as `postgres` when we are root.
-pub struct PrivateCluster {
-    dir: tempfile::TempDir,
-    as_postgres: bool,
-    bindir: PathBuf,
-}
-
-impl PrivateCluster {
-    pub fn start() -> PrivateCluster {
-        let bindir = [
-            "/usr/lib/postgresql/17/bin",
-            "/usr/lib/postgresql/16/bin",
-            "/usr/lib/postgresql/15/bin",
-        ]
-        .iter()
-        .map(PathBuf::from)
-        .find(|d| d.join("initdb").exists())
-        .or_else(|| {
-            let out = std::process::Command::new("sh")
-                .args(["-c", "dirname \"$(command -v initdb)\""])
-                .output()
-                .ok()?;
-            Some(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()))
-        })
-        .expect("initdb not found");
-        let dir = tempfile::Builder::new()
-            .prefix("packenvd-pg-")
-            .tempdir()
-            .expect("tempdir");
-        let as_postgres = nix::unistd::Uid::effective().is_root();
-        if as_postgres {
-            let status = std::process::Command::new("chown")
-                .arg("postgres")
-                .arg(dir.path())
-                .status()
-                .expect("chown");
-            assert!(status.success());
-        }
-        let cluster = PrivateCluster {
-            dir,
-            as_postgres,
-            bindir,
-        };
-        let data = cluster.data();
-        cluster.pg(
-            "initdb",
-            &[
-                "-D",
-                &data,
-                "--auth=trust",
-                "-U",
-                "postgres",
-                "--no-sync",
-                "--no-instructions",
-            ],
-        );
-        let conf = format!(
-            "listen_addresses = ''\nunix_socket_directories = '{}'\nport = 5432\nfsync = off\n",
-            cluster.dir.path().display()
-        );
-        let mut f = std::fs::OpenOptions::new()
-            .append(true)
-            .open(format!("{data}/postgresql.conf"))
-            .expect("conf");
-        std::io::Write::write_all(&mut f, conf.as_bytes()).expect("conf");
-        cluster.ctl("start");
-        cluster
-    }
-
-    fn data(&self) -> String {
-        self.dir.path().join("data").display().to_string()
-    }
-
-    fn pg(&self, tool: &str, args: &[&str]) {
-        let exe = self.bindir.join(tool);
-        let mut cmd = if self.as_postgres {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
-            c
-        } else {
-            std::process::Command::new(exe)
-        };
-        let out = cmd
-            .args(args)
-            .current_dir(self.dir.path())
-            .output()
-            .expect(tool);
-        assert!(
-            out.status.success(),
-            "{tool} {args:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    /// `pg_ctl start` (waits until ready) or `pg_ctl stop` (fast).
-    pub fn ctl(&self, action: &str) {
-        let data = self.data();
-        let log = self.dir.path().join("postgres.log").display().to_string();
-        match action {
-            "start" => self.pg("pg_ctl", &["-D", &data, "-l", &log, "-w", "start"]),
-            _ => self.pg("pg_ctl", &["-D", &data, "-w", "-m", "fast", "stop"]),
-        }
-    }
-
-    pub fn url(&self) -> String {
-        format!(
-            "postgres://postgres@localhost/postgres?host={}",
-            self.dir.path().display()
-        )
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        let data = self.data();
-        let _ = std::panic::catch_unwind(|| {
-            self.pg("pg_ctl", &["-D", &data, "-m", "immediate", "stop"])
-        });
-    }
-}
-
 /// Builds the fixture wheel at `version` into `dir`.
 pub fn make_wheel(dir: &Path, version: &str) {
     let out = std::process::Command::new("python3")
@@ -423,51 +274,6 @@ pub fn make_wheel(dir: &Path, version: &str) {
         "make_wheel.py: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// tests/fixtures/index_server.py on a loopback port: a package index whose every request is
-/// logged, to tell a download from a cache hit.
-pub struct IndexServer {
-    child: std::process::Child,
-    pub port: u16,
-    pub log: PathBuf,
-}
-
-impl IndexServer {
-    pub fn start(wheels: &Path, log: PathBuf) -> IndexServer {
-        use std::io::BufRead;
-        let mut child = std::process::Command::new("python3")
-            .arg(fixtures().join("index_server.py"))
-            .arg(wheels)
-            .arg(&log)
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("index server");
-        let mut line = String::new();
-        std::io::BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("port");
-        IndexServer {
-            child,
-            port: line.trim().parse().expect("port number"),
-            log,
-        }
-    }
-
-    pub fn requests(&self) -> Vec<String> {
-        std::fs::read_to_string(&self.log)
-            .unwrap_or_default()
-            .lines()
-            .map(String::from)
-            .collect()
-    }
-}
-
-impl Drop for IndexServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Runs `python -c code` and returns its trimmed stdout, panicking with stderr on failure.
