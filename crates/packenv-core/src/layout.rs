@@ -160,21 +160,31 @@ impl EnvsRoot {
             let empty = fsat::entries(&root.fd)
                 .map_err(io_err("cannot list", path))?
                 .is_empty();
+            // Another instance may be marking it right now; then the marker is there after it.
+            let marked_meanwhile =
+                || fsat::type_at(&root.fd, ROOT_MARKER).is_ok_and(|t| t.is_some());
             if !(create && empty) {
+                if marked_meanwhile() {
+                    return Ok(Some(root));
+                }
                 return Err(not_ours(&format!(
                     "is not empty and has no {ROOT_MARKER} marker: point envs_root at an empty directory packenvd may own"
                 )));
             }
-            let fd = rustix::fs::openat(
+            match rustix::fs::openat(
                 &root.fd,
                 ROOT_MARKER,
                 OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                 Mode::from_raw_mode(0o644),
-            )
-            .map_err(|e| io_err("cannot create the marker in", path)(e.into()))?;
-            std::fs::File::from(fd)
-                .write_all(b"packenvd envs root: packenvd creates and deletes environments here\n")
-                .map_err(io_err("cannot write the marker in", path))?;
+            ) {
+                Ok(fd) => std::fs::File::from(fd)
+                    .write_all(
+                        b"packenvd envs root: packenvd creates and deletes environments here\n",
+                    )
+                    .map_err(io_err("cannot write the marker in", path))?,
+                Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(io_err("cannot create the marker in", path)(e.into())),
+            }
         }
         Ok(Some(root))
     }

@@ -16,7 +16,6 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
-use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -219,47 +218,69 @@ pub fn main(args: &[OsString]) -> ! {
         }
     };
     let child = Pid::from_raw(child.id() as i32);
-    std::thread::spawn(move || watch_control(control));
-    let status = reap_until(child);
-    kill_descendants();
+    let status = supervise(child, control);
+    kill_descendants(child, &mut None);
     exit_like(status)
 }
 
-/// Waits for the daemon to close the control pipe (cancel, timeout, shutdown, death), then
-/// kills the step and everything it started.
-fn watch_control(control: OwnedFd) {
-    let mut f = std::fs::File::from(control);
-    let mut buf = [0u8; 64];
+/// Waits for the step to end, or for the daemon to close the control pipe (cancel, timeout,
+/// shutdown, death); in that case kills the step and everything it started. One thread: a
+/// thread more would count against the build user's process limit, which a fork bomb of
+/// another build may have used up.
+fn supervise(child: Pid, control: OwnedFd) -> WaitStatus {
+    use rustix::event::{poll, PollFd, PollFlags, Timespec};
+    let pidfd = rustix::process::Pid::from_raw(child.as_raw())
+        .and_then(|p| rustix::process::pidfd_open(p, rustix::process::PidfdFlags::empty()).ok());
+    let mut control_open = true;
     loop {
-        match f.read(&mut buf) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(_) => break,
-        }
-    }
-    kill_descendants();
-}
-
-/// Reaps every child that ends (orphans of the step come to us) until `main_child` does.
-fn reap_until(main_child: Pid) -> WaitStatus {
-    loop {
-        match waitpid(None, None) {
-            Ok(status @ (WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _)))
-                if pid == main_child =>
-            {
-                return status
+        loop {
+            match waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+                Ok(status @ (WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _)))
+                    if pid == child =>
+                {
+                    return status
+                }
+                Ok(WaitStatus::StillAlive) | Err(nix::errno::Errno::ECHILD) => break,
+                Ok(_) | Err(nix::errno::Errno::EINTR) => {}
+                Err(_) => return WaitStatus::Signaled(child, Signal::SIGKILL, false),
             }
-            Ok(_) => {}
-            Err(nix::errno::Errno::EINTR) => {}
-            Err(_) => return WaitStatus::Signaled(main_child, Signal::SIGKILL, false),
+        }
+        let mut fds = Vec::with_capacity(2);
+        if control_open {
+            fds.push(PollFd::new(&control, PollFlags::IN));
+        }
+        if let Some(pidfd) = &pidfd {
+            fds.push(PollFd::new(pidfd, PollFlags::IN));
+        }
+        // Orphans of the step come to us and are reaped on each turn; without a pidfd
+        // (kernels before 5.3) the step's end is noticed by polling.
+        let timeout = Timespec {
+            tv_sec: if pidfd.is_some() { 1 } else { 0 },
+            tv_nsec: if pidfd.is_some() { 0 } else { 20_000_000 },
+        };
+        let _ = poll(&mut fds, Some(&timeout));
+        let closed = control_open
+            && fds[0]
+                .revents()
+                .intersects(PollFlags::IN | PollFlags::HUP | PollFlags::ERR);
+        if closed {
+            let mut buf = [0u8; 64];
+            if rustix::io::read(&control, &mut buf).map_or(true, |n| n == 0) {
+                control_open = false;
+                let mut status = None;
+                kill_descendants(child, &mut status);
+                if let Some(status) = status {
+                    return status;
+                }
+            }
         }
     }
 }
 
 /// Kills every descendant of this process, round after round: a process whose parent dies
-/// comes to us (we are a subreaper) and is found in the next round.
-fn kill_descendants() {
+/// comes to us (we are a subreaper) and is found in the next round. The status of `main`,
+/// if reaped here, goes to `main_status`.
+fn kill_descendants(main: Pid, main_status: &mut Option<WaitStatus>) {
     let me = std::process::id() as i32;
     for _ in 0..500 {
         let found = descendants(me);
@@ -270,8 +291,12 @@ fn kill_descendants() {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
         while let Ok(status) = waitpid(None, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            if status == WaitStatus::StillAlive {
-                break;
+            match status {
+                WaitStatus::StillAlive => break,
+                WaitStatus::Exited(pid, _) | WaitStatus::Signaled(pid, _, _) if pid == main => {
+                    *main_status = Some(status)
+                }
+                _ => {}
             }
         }
         std::thread::sleep(Duration::from_millis(2));

@@ -36,6 +36,13 @@ pub async fn run(
     filter: LogFilter,
 ) -> Result<(), Error> {
     migrate_if_needed(&pool).await?;
+    let root = settings.envs_root.clone();
+    packenv_core::blocking(move || packenv_core::layout::EnvsRoot::open(&root, true))
+        .await
+        .map_err(|e| Error::Io {
+            what: "the envs root is not usable".into(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
     let protections = crate::hardening::Protections::detect(&settings)
         .await
         .map_err(|e| Error::Io {

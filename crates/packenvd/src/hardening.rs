@@ -73,8 +73,7 @@ impl Protections {
         if let Some((uid, gid)) = sandbox.user {
             probe.uid(uid).gid(gid);
         }
-        let answer =
-            tokio::time::timeout(std::time::Duration::from_secs(10), probe.output()).await;
+        let answer = tokio::time::timeout(std::time::Duration::from_secs(10), probe.output()).await;
         let out = match answer {
             Ok(Ok(out)) if out.status.success() => out,
             Ok(Ok(out)) => {

@@ -115,6 +115,25 @@ async fn a_step_finds_no_database_secret_in_the_daemons_environment_memory_descr
     .await;
     let r = row(&pool, id).await;
     assert_eq!(r.status, "ready", "{:?}\n{}", r.install_error, d.output());
+    // Without any sandbox: another process of the daemon's user cannot read its environment
+    // or memory, because the daemon is not dumpable.
+    for file in ["environ", "mem"] {
+        let out = std::process::Command::new("setpriv")
+            .args([
+                &format!("--reuid={NOBODY}"),
+                &format!("--regid={NOBODY}"),
+                "--clear-groups",
+                "--",
+                "head",
+                "-c",
+                "100000",
+            ])
+            .arg(format!("/proc/{}/{file}", d.child.id()))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "/proc/<daemon>/{file} was readable");
+        assert!(!String::from_utf8_lossy(&out.stdout).contains(&decoy));
+    }
     assert_eq!(
         std::fs::read_to_string(env.scratch().join("done.txt")).unwrap(),
         "spied\n"

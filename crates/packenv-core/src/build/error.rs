@@ -157,7 +157,12 @@ pub fn limit_hint(
     let limits = limits?;
     let show = |v: Option<u64>| v.map_or_else(|| "unlimited".to_string(), |v| v.to_string());
     if let Outcome::Exited(status) = outcome {
-        if status.signal() == Some(nix::sys::signal::Signal::SIGXFSZ as i32) {
+        let xfsz = nix::sys::signal::Signal::SIGXFSZ as i32;
+        // Killed by SIGXFSZ, or a shell reporting a child that was (128 + the signal).
+        if status.signal() == Some(xfsz)
+            || status.code() == Some(128 + xfsz)
+            || tail.contains("File size limit exceeded")
+        {
             return Some(format!(
                 "it wrote a file larger than step_max_file_size, {} bytes",
                 show(limits.file_size)
@@ -178,7 +183,11 @@ pub fn limit_hint(
             show(limits.memory)
         ));
     }
-    let processes = ["Resource temporarily unavailable", "fork: retry", "Cannot fork"];
+    let processes = [
+        "Resource temporarily unavailable",
+        "fork: retry",
+        "Cannot fork",
+    ];
     if limits.processes.is_some() && processes.iter().any(|m| tail.contains(m)) {
         return Some(format!(
             "it could not start more processes: step_max_processes is {}",

@@ -54,12 +54,32 @@ impl Service for Rescuer {
     }
 
     async fn run_once(&self) -> Result<u64, crate::Error> {
-        let n = store::rescue_expired(&self.pool, self.config().max_attempts)
-            .await
-            .map_err(|e| {
+        let max = self.config().max_attempts;
+        let n = match store::rescue_expired(&self.pool, max).await {
+            Ok(n) => n,
+            // The database refuses the statement for one of the rows: rescue them one by one,
+            // so that row does not keep the others installing forever.
+            Err(e) if !store::is_transient(&e) => {
+                tracing::warn!(error = %crate::error::chain(&e), "the database refused a rescue; rescuing rows one by one");
+                let ids = store::expired_leases(&self.pool)
+                    .await
+                    .map_err(crate::Error::db("listing expired leases"))?;
+                let mut n = 0;
+                for id in ids {
+                    match store::rescue_row(&self.pool, max, id).await {
+                        Ok(k) => n += k,
+                        Err(e) => {
+                            tracing::warn!(env_id = id, error = %crate::error::chain(&e), "the database refuses to rescue this row")
+                        }
+                    }
+                }
+                n
+            }
+            Err(e) => {
                 self.metrics.db_errors.inc();
-                crate::Error::db("rescuing rows with expired leases")(e)
-            })?;
+                return Err(crate::Error::db("rescuing rows with expired leases")(e));
+            }
+        };
         self.metrics.rescued.inc_by(n);
         Ok(n)
     }

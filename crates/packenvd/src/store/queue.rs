@@ -283,10 +283,31 @@ pub async fn lock_fenced(
 /// attempts are spent. Status and lease are checked again under the row lock, so a build that
 /// finished a moment earlier is never overwritten. Returns how many rows were rescued.
 pub async fn rescue_expired(pool: &PgPool, max_attempts: u32) -> Result<u64, sqlx::Error> {
+    rescue(pool, max_attempts, None).await
+}
+
+/// The rows whose lease expired, for rescuing them one by one when the database refuses to
+/// rescue them together (a constraint or trigger that refuses one of them).
+pub async fn expired_leases(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT id FROM pack_environment WHERE status = 'installing' AND lease_expires_at < now()
+         ORDER BY id LIMIT 1000",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// [`rescue_expired`] for one row.
+pub async fn rescue_row(pool: &PgPool, max_attempts: u32, id: i64) -> Result<u64, sqlx::Error> {
+    rescue(pool, max_attempts, Some(id)).await
+}
+
+async fn rescue(pool: &PgPool, max_attempts: u32, only: Option<i64>) -> Result<u64, sqlx::Error> {
     let r = sqlx::query(
         "WITH c AS MATERIALIZED (
              SELECT id FROM pack_environment
              WHERE status = 'installing' AND lease_expires_at < now()
+               AND ($2::int8 IS NULL OR id = $2)
              FOR UPDATE SKIP LOCKED)
          UPDATE pack_environment pe
          SET status = CASE WHEN pe.attempts >= $1 THEN 'failed' ELSE 'pending' END::pack_environment_status_enum,
@@ -299,6 +320,7 @@ pub async fn rescue_expired(pool: &PgPool, max_attempts: u32) -> Result<u64, sql
          WHERE pe.id = c.id AND pe.status = 'installing' AND pe.lease_expires_at < now()",
     )
     .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+    .bind(only)
     .execute(pool)
     .await?;
     Ok(r.rows_affected())

@@ -216,4 +216,3 @@ impl Drop for IndexServer {
         let _ = self.child.wait();
     }
 }
-

@@ -106,4 +106,3 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
-
