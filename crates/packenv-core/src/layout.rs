@@ -122,9 +122,10 @@ impl EnvsRoot {
         if path.parent().is_none() {
             return Err(not_ours("is the root directory"));
         }
-        if create {
+        let mut created = false;
+        if create && std::fs::symlink_metadata(path).is_err() {
             match std::fs::create_dir_all(path) {
-                Ok(()) => {}
+                Ok(()) => created = true,
                 Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
                 Err(e) => return Err(io_err("cannot create", path)(e)),
             }
@@ -148,6 +149,11 @@ impl EnvsRoot {
                 "is owned by uid {}, not by this user (uid {me}): packenvd works only in a directory of its own",
                 st.st_uid
             )));
+        }
+        if created {
+            // Readable by the action runners (other users), whatever the daemon's umask.
+            rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                .map_err(|e| io_err("cannot set the mode of", path)(e.into()))?;
         }
         let root = EnvsRoot {
             path: path.to_owned(),
@@ -198,14 +204,24 @@ impl EnvsRoot {
     pub fn pack_dir(&self, pack_ref: &str, create: bool) -> Result<Option<PackDir>, LayoutError> {
         validate_pack_ref(pack_ref)?;
         let path = self.path.join(pack_ref);
+        let mut created = false;
         if create {
             match rustix::fs::mkdirat(&self.fd, pack_ref, Mode::from_raw_mode(0o755)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+                Ok(()) => created = true,
+                Err(rustix::io::Errno::EXIST) => {}
                 Err(e) => return Err(io_err("cannot create", &path)(e.into())),
             }
         }
         match fsat::open_dir_at(&self.fd, pack_ref) {
-            Ok(fd) => Ok(Some(PackDir { path, fd })),
+            Ok(fd) => {
+                if created {
+                    // The umask may be strict (the unit's is 0077): environments are for
+                    // action runners of other users to read.
+                    rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+                        .map_err(|e| io_err("cannot set the mode of", &path)(e.into()))?;
+                }
+                Ok(Some(PackDir { path, fd }))
+            }
             Err(e) if e.kind() == io::ErrorKind::NotFound && !create => Ok(None),
             Err(e)
                 if e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error())
@@ -444,6 +460,10 @@ impl EnvLocation {
         let dir = self.pack_dir.join(&name);
         rustix::fs::mkdirat(pack.as_fd(), name.as_str(), Mode::from_raw_mode(0o755))
             .map_err(|e| io_err("cannot create build directory", &dir)(e.into()))?;
+        let fd = fsat::open_dir_at(pack.as_fd(), &name)
+            .map_err(io_err("cannot open build directory", &dir))?;
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(0o755))
+            .map_err(|e| io_err("cannot set the mode of", &dir)(e.into()))?;
         Ok(dir)
     }
 

@@ -185,6 +185,10 @@ pub fn main(args: &[OsString]) -> ! {
     let control = rustix::io::fcntl_dupfd_cloexec(std::io::stdin().as_fd(), 3)
         .unwrap_or_else(|e| fail(format!("cannot keep the control pipe: {e}")));
     close_inherited_descriptors();
+    // A step never holds a capability, whatever the daemon was given to switch users.
+    if let Err(e) = drop_capabilities() {
+        fail(format!("cannot drop capabilities: {e}"));
+    }
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         fail(format!("cannot become a subreaper: {e}"));
     }
@@ -202,6 +206,9 @@ pub fn main(args: &[OsString]) -> ! {
             Err(e) => fail(format!("cannot apply Landlock: {e}")),
         }
     }
+    // What a step creates is for other users (the action runners) to read, whatever the
+    // daemon's own umask (the unit's is 0077).
+    rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
     let child = match Command::new(program)
         .args(step_args)
         .stdin(std::process::Stdio::null())
@@ -365,6 +372,26 @@ fn reset_disposition(sig: Signal) {
     }
 }
 
+/// Empties every capability set of this process (and so of the step): the ambient set the
+/// daemon may carry (CAP_SETUID and friends for a build user) must not reach a step.
+fn drop_capabilities() -> std::io::Result<()> {
+    use rustix::thread::{CapabilitySet, CapabilitySets};
+    let current = rustix::thread::capabilities(None)?;
+    if current.permitted.is_empty() && current.effective.is_empty() {
+        return Ok(());
+    }
+    rustix::thread::clear_ambient_capability_set()?;
+    rustix::thread::set_capabilities(
+        None,
+        CapabilitySets {
+            effective: CapabilitySet::empty(),
+            permitted: CapabilitySet::empty(),
+            inheritable: CapabilitySet::empty(),
+        },
+    )?;
+    Ok(())
+}
+
 /// Marks every descriptor above 2 close-on-exec, so the step inherits only stdin, stdout and
 /// stderr whatever the daemon's own parent left open.
 pub fn close_inherited_descriptors() {
@@ -384,20 +411,29 @@ pub fn close_inherited_descriptors() {
     }
 }
 
+/// Sets the step's limits. prlimit64 (what rustix calls) and not setrlimit: the unit's system
+/// call filter denies the `@resources` group, which holds setrlimit but not prlimit64.
 fn set_limits(conf: &Confinement) -> Result<(), String> {
-    use nix::sys::resource::{setrlimit, Resource};
+    use rustix::process::{setrlimit, Resource, Rlimit};
     let set = |r: Resource, v: u64, what: &str| {
-        setrlimit(r, v, v).map_err(|e| format!("cannot limit {what} to {v}: {e}"))
+        setrlimit(
+            r,
+            Rlimit {
+                current: Some(v),
+                maximum: Some(v),
+            },
+        )
+        .map_err(|e| format!("cannot limit {what} to {v}: {e}"))
     };
-    set(Resource::RLIMIT_CORE, 0, "core dumps")?;
+    set(Resource::Core, 0, "core dumps")?;
     if let Some(v) = conf.memory {
-        set(Resource::RLIMIT_AS, v, "memory")?;
+        set(Resource::As, v, "memory")?;
     }
     if let Some(v) = conf.processes {
-        set(Resource::RLIMIT_NPROC, v, "processes")?;
+        set(Resource::Nproc, v, "processes")?;
     }
     if let Some(v) = conf.file_size {
-        set(Resource::RLIMIT_FSIZE, v, "file size")?;
+        set(Resource::Fsize, v, "file size")?;
     }
     Ok(())
 }

@@ -186,7 +186,7 @@ async fn with_a_build_user_steps_run_as_it_cannot_fork_bomb_and_the_build_is_the
     std::fs::write(&secret, "root's").unwrap();
     std::fs::set_permissions(&secret, std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
     let who = format!(
-        "id -u > {{env_path}}/uid; cat {} > {{env_path}}/stolen 2>&1 || true",
+        "id -u > {{env_path}}/uid; grep CapEff /proc/self/status > {{env_path}}/caps; cat {} > {{env_path}}/stolen 2>&1 || true",
         secret.display()
     );
     add_runtime(&pool, "t.who", shell_runtime(&who)).await;
@@ -214,6 +214,12 @@ async fn with_a_build_user_steps_run_as_it_cannot_fork_bomb_and_the_build_is_the
     assert_eq!(
         std::fs::read_to_string(build.join("uid")).unwrap().trim(),
         "65534"
+    );
+    let caps = std::fs::read_to_string(build.join("caps")).unwrap();
+    assert_eq!(
+        caps.trim(),
+        "CapEff:\t0000000000000000",
+        "a step holds no capability"
     );
     let stolen = std::fs::read_to_string(build.join("stolen")).unwrap();
     assert!(stolen.contains("Permission denied"), "{stolen}");
