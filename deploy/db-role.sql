@@ -20,11 +20,25 @@
 --                                       claim, heartbeat, write back, rescue, verify; INSERT for
 --                                       `packenvd request`; DELETE for `packenvd remove`
 --   pack_environment_id_seq    USAGE, SELECT   the ids INSERT gives new rows
---   v_pack_environment_status  SELECT   `packenvd status`
---   request_pack_environment(), get_pack_environment_path(), runtime_requires_environment()
+--   packenvd_node              SELECT, INSERT, UPDATE, DELETE
+--                                       register this node, its heartbeat, declare nodes gone;
+--                                       DELETE for `packenvd node forget`
+--   pack_environment_node      SELECT, INSERT, UPDATE, DELETE
+--                                       this node's queue: claim, heartbeat, write back, rescue,
+--                                       verify, catch up; DELETE withdraws the rows of nodes
+--                                       that lack a runtime's commands once a node that has
+--                                       them joins
+--   pack_environment_node_id_seq USAGE, SELECT   the ids of the node rows it adds
+--   v_pack_environment_status, v_pack_environment_node
+--                              SELECT   `packenvd status`, `packenvd status --node`
+--   request_pack_environment(), get_pack_environment_path(), runtime_requires_environment(),
+--   pack_environment_for_node(), pack_environment_summary(), packenvd_node_builds(),
+--   packenvd_node_takes()
 --                              EXECUTE  PostgreSQL grants it to PUBLIC by default; granted here
 --                                       for databases where a DBA revoked that. The trigger
---                                       functions need none: triggers fire without the check.
+--                                       functions need none: triggers fire without the check,
+--                                       and the fan-out runs with the owner's rights, so the
+--                                       platform's roles need no rights on the node tables.
 --   _sqlx_migrations           SELECT   `packenvd run` checks at start-up that the schema is
 --                                       current; applying migrations is the owner's job
 -- plus CONNECT on the database and USAGE on the schema (PUBLIC's by default). Nothing else: no
@@ -99,27 +113,45 @@ BEGIN
         EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM %I', seq, r);
         EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO %I', seq, r);
     END IF;
+    seq := pg_get_serial_sequence(format('%I.pack_environment_node', s), 'id')::regclass;
+    EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM %I', seq, r);
+    EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO %I', seq, r);
 END $$;
 
 -- Start from nothing on packenvd's objects, so that a right granted by an earlier version of
 -- this file, or by hand, does not survive a re-run: the grants below are the whole list.
-REVOKE ALL ON pack, runtime, pack_environment, v_pack_environment_status, _sqlx_migrations
+REVOKE ALL ON pack, runtime, pack_environment, v_pack_environment_status, _sqlx_migrations,
+    packenvd_node, pack_environment_node, v_pack_environment_node
     FROM :"role";
 REVOKE ALL ON FUNCTION
     request_pack_environment(text, text),
     get_pack_environment_path(text, text),
     runtime_requires_environment(text),
+    pack_environment_for_node(text, text, text),
+    pack_environment_summary(integer, integer, integer, integer, integer,
+                             pack_environment_status_enum),
+    packenvd_node_builds(packenvd_node, text),
+    packenvd_node_takes(packenvd_node, text),
+    pack_environment_recount(bigint),
     pack_environment_before_write(),
-    pack_environment_notify()
+    pack_environment_fan_out(),
+    pack_environment_node_notify()
     FROM :"role";
 
 GRANT SELECT ON pack, runtime TO :"role";
 GRANT SELECT, INSERT, UPDATE, DELETE ON pack_environment TO :"role";
-GRANT SELECT ON v_pack_environment_status TO :"role";
+GRANT SELECT ON v_pack_environment_status, v_pack_environment_node TO :"role";
+GRANT SELECT, INSERT, UPDATE, DELETE ON packenvd_node TO :"role";
+GRANT SELECT, INSERT, UPDATE, DELETE ON pack_environment_node TO :"role";
 GRANT EXECUTE ON FUNCTION
     request_pack_environment(text, text),
     get_pack_environment_path(text, text),
-    runtime_requires_environment(text)
+    runtime_requires_environment(text),
+    pack_environment_for_node(text, text, text),
+    pack_environment_summary(integer, integer, integer, integer, integer,
+                             pack_environment_status_enum),
+    packenvd_node_builds(packenvd_node, text),
+    packenvd_node_takes(packenvd_node, text)
     TO :"role";
 GRANT SELECT ON _sqlx_migrations TO :"role";
 
@@ -132,6 +164,7 @@ DECLARE
     s     text := (SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
                    WHERE c.oid = 'pack_environment'::regclass);
     seq   regclass := pg_get_serial_sequence(format('%I.pack_environment', s), 'id')::regclass;
+    nseq  regclass := pg_get_serial_sequence(format('%I.pack_environment_node', s), 'id')::regclass;
     extra text;
 BEGIN
     SELECT string_agg(format('%s on %s', p.priv, c.oid::regclass), ', '
@@ -145,7 +178,7 @@ BEGIN
       AND CASE WHEN c.relkind = 'S'
                THEN p.priv IN ('SELECT', 'UPDATE', 'USAGE')
                     AND has_sequence_privilege(r, c.oid, p.priv)
-                    AND NOT (c.oid = seq AND p.priv IN ('SELECT', 'USAGE'))
+                    AND NOT (c.oid IN (seq, nseq) AND p.priv IN ('SELECT', 'USAGE'))
                WHEN c.relkind IN ('r', 'p', 'v', 'm', 'f')
                THEN p.priv <> 'USAGE'
                     AND has_table_privilege(r, c.oid, p.priv)
@@ -153,7 +186,12 @@ BEGIN
                         ('pack', 'SELECT'), ('runtime', 'SELECT'),
                         ('pack_environment', 'SELECT'), ('pack_environment', 'INSERT'),
                         ('pack_environment', 'UPDATE'), ('pack_environment', 'DELETE'),
-                        ('v_pack_environment_status', 'SELECT'), ('_sqlx_migrations', 'SELECT'))
+                        ('v_pack_environment_status', 'SELECT'), ('_sqlx_migrations', 'SELECT'),
+                        ('packenvd_node', 'SELECT'), ('packenvd_node', 'INSERT'),
+                        ('packenvd_node', 'UPDATE'), ('packenvd_node', 'DELETE'),
+                        ('pack_environment_node', 'SELECT'), ('pack_environment_node', 'INSERT'),
+                        ('pack_environment_node', 'UPDATE'), ('pack_environment_node', 'DELETE'),
+                        ('v_pack_environment_node', 'SELECT'))
                ELSE false END;
     IF extra IS NOT NULL THEN
         RAISE WARNING 'role % holds rights packenvd does not need (granted by someone else, to PUBLIC or to a role it is a member of): %', r, extra;

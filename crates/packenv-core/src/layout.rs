@@ -195,6 +195,43 @@ impl EnvsRoot {
         Ok(Some(root))
     }
 
+    /// Makes this envs root node `name`'s (DESIGN §8): the marker names the node, written at
+    /// first start; a marker that names another node is an error, so two nodes never share a
+    /// disk under two names and one disk is never registered twice.
+    pub fn claim_node(&self, name: &str) -> Result<(), LayoutError> {
+        let marker = self.path.join(ROOT_MARKER);
+        let text = crate::fingerprint::read_manifest(&marker, 1 << 16)
+            .map_err(|e| io_err("cannot read", &marker)(io::Error::other(e.to_string())))?
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default();
+        let recorded = text.lines().find_map(|l| {
+            l.strip_prefix("node = \"")
+                .and_then(|rest| rest.strip_suffix('"'))
+                .map(str::to_owned)
+        });
+        match recorded {
+            Some(n) if n == name => Ok(()),
+            Some(n) => Err(LayoutError::NotOurs {
+                path: self.path.clone(),
+                problem: format!(
+                    "belongs to node {n:?} (its {ROOT_MARKER} says so), not to {name:?}: set node_name = {n:?}, or give this node an envs root of its own"
+                ),
+            }),
+            None => {
+                let fd = rustix::fs::openat(
+                    &self.fd,
+                    ROOT_MARKER,
+                    OFlags::WRONLY | OFlags::APPEND | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                    Mode::empty(),
+                )
+                .map_err(|e| io_err("cannot open", &marker)(e.into()))?;
+                std::fs::File::from(fd)
+                    .write_all(format!("node = \"{name}\"\n").as_bytes())
+                    .map_err(io_err("cannot write", &marker))
+            }
+        }
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }

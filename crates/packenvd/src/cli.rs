@@ -42,9 +42,22 @@ pub enum Command {
         /// Only rows in this status.
         #[arg(long, value_enum)]
         status: Option<Status>,
+        /// One node's rows instead of the summary over nodes.
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
+        /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
+    /// Show the nodes: name, last seen, what each can build, its rows by status.
+    Nodes {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Operate on one node.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Ask for an environment (what a pack install does): creates the row or sends it back to pending.
     Request { pack: String, runtime: String },
     /// Force a rebuild from scratch: reset rows to pending.
@@ -55,9 +68,18 @@ pub enum Command {
         /// Only rows that are `failed`.
         #[arg(long)]
         failed: bool,
+        /// Only on this node (the other nodes keep their builds).
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
     },
     /// Print the install log and error of one environment.
-    Logs { pack: String, runtime: String },
+    Logs {
+        pack: String,
+        runtime: String,
+        /// That node's build (default: the summary's, the last node's log).
+        #[arg(long, value_name = "NODE")]
+        node: Option<String>,
+    },
     /// Print the effective configuration as a config file that loads back: every setting,
     /// its value and where it came from, secrets masked.
     CheckConfig(SettingFlags),
@@ -85,6 +107,14 @@ pub enum Command {
         pack: Option<String>,
         runtime: Option<String>,
     },
+}
+
+/// `packenvd node ...`.
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Forget a node (it was retired): its rows go, and environments stop waiting for it.
+    /// Nothing on any disk is touched.
+    Forget { name: String },
 }
 
 /// `packenvd run`'s own flags and the setting flags.
@@ -124,9 +154,10 @@ pub async fn status(
     pool: &PgPool,
     pack: Option<&str>,
     status: Option<Status>,
+    node: Option<&str>,
     json: bool,
 ) -> anyhow::Result<()> {
-    let rows = store::status(pool, pack, status)
+    let rows = store::status(pool, pack, status, node)
         .await
         .context("reading v_pack_environment_status")?;
     if json {
@@ -190,6 +221,94 @@ fn truncate(s: &str, max: usize) -> String {
     }
 }
 
+/// `packenvd nodes`.
+pub async fn nodes(pool: &PgPool, json: bool) -> anyhow::Result<()> {
+    let rows = store::nodes(pool).await.context("reading packenvd_node")?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    let mut table = comfy_table::Table::new();
+    table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
+    table.set_header([
+        "node",
+        "last seen",
+        "envs root",
+        "tools",
+        "cannot build",
+        "rows",
+    ]);
+    let now = chrono::Utc::now();
+    for n in &rows {
+        let ago = humantime::format_duration(std::time::Duration::from_secs(
+            (now - n.last_seen).num_seconds().max(0) as u64,
+        ));
+        let seen = if n.gone {
+            format!("{ago} ago (gone)")
+        } else {
+            format!("{ago} ago")
+        };
+        let lacking: Vec<String> = n
+            .runtimes
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .filter(|(_, v)| v["buildable"] == false)
+                    .map(|(k, v)| {
+                        format!(
+                            "{k} (no {})",
+                            v["missing"]
+                                .as_array()
+                                .map(|a| a
+                                    .iter()
+                                    .filter_map(|x| x.as_str())
+                                    .collect::<Vec<_>>()
+                                    .join(", "))
+                                .unwrap_or_default()
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let tools: Vec<String> = n
+            .tools
+            .as_object()
+            .map(|m| {
+                m.iter()
+                    .map(|(k, v)| match v["version"].as_str() {
+                        Some(version) => format!("{k} {version}"),
+                        None => k.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let counts: Vec<String> = n
+            .rows
+            .as_object()
+            .map(|m| m.iter().map(|(k, v)| format!("{v} {k}")).collect())
+            .unwrap_or_default();
+        table.add_row([
+            n.name.clone(),
+            seen,
+            n.envs_root.clone(),
+            tools.join(", "),
+            if lacking.is_empty() {
+                "-".into()
+            } else {
+                lacking.join("; ")
+            },
+            if counts.is_empty() {
+                "-".into()
+            } else {
+                counts.join(", ")
+            },
+        ]);
+    }
+    println!("{table}");
+    println!("{} node(s)", rows.len());
+    Ok(())
+}
+
 /// `packenvd request`.
 pub async fn request(pool: &PgPool, pack: &str, runtime: &str) -> anyhow::Result<()> {
     let (id, status) = store::request(pool, pack, runtime)
@@ -205,11 +324,15 @@ pub async fn rebuild(
     pack: Option<&str>,
     runtime: Option<&str>,
     failed: bool,
+    node: Option<&str>,
 ) -> anyhow::Result<()> {
     if pack.is_none() && !failed {
         anyhow::bail!("name a pack, or use --failed to reset every failed environment");
     }
-    let rows = store::rebuild(pool, pack, runtime, failed).await?;
+    let rows = match node {
+        None => store::rebuild(pool, pack, runtime, failed).await?,
+        Some(node) => store::rebuild_on_node(pool, node, pack, runtime, failed).await?,
+    };
     if rows.is_empty() {
         anyhow::bail!("no environment matched");
     }
@@ -220,8 +343,13 @@ pub async fn rebuild(
 }
 
 /// `packenvd logs`.
-pub async fn logs(pool: &PgPool, pack: &str, runtime: &str) -> anyhow::Result<()> {
-    let Some(l) = store::logs(pool, pack, runtime).await? else {
+pub async fn logs(
+    pool: &PgPool,
+    pack: &str,
+    runtime: &str,
+    node: Option<&str>,
+) -> anyhow::Result<()> {
+    let Some(l) = store::logs(pool, pack, runtime, node).await? else {
         anyhow::bail!("no environment for pack {pack} and runtime {runtime}");
     };
     println!("status: {}", l.status);
@@ -402,15 +530,37 @@ async fn dispatch(
         Command::Status {
             pack,
             status: s,
+            node,
             json,
-        } => status(&pool, pack.as_deref(), *s, *json).await?,
+        } => status(&pool, pack.as_deref(), *s, node.as_deref(), *json).await?,
+        Command::Nodes { json } => nodes(&pool, *json).await?,
+        Command::Node(NodeCommand::Forget { name }) => {
+            if !store::forget_node(&pool, name).await? {
+                anyhow::bail!("no node named {name:?}");
+            }
+            println!("node {name} forgotten: its rows are gone; nothing on disk was touched");
+        }
         Command::Request { pack, runtime } => request(&pool, pack, runtime).await?,
         Command::Rebuild {
             pack,
             runtime,
             failed,
-        } => rebuild(&pool, pack.as_deref(), runtime.as_deref(), *failed).await?,
-        Command::Logs { pack, runtime } => logs(&pool, pack, runtime).await?,
+            node,
+        } => {
+            rebuild(
+                &pool,
+                pack.as_deref(),
+                runtime.as_deref(),
+                *failed,
+                node.as_deref(),
+            )
+            .await?
+        }
+        Command::Logs {
+            pack,
+            runtime,
+            node,
+        } => logs(&pool, pack, runtime, node.as_deref()).await?,
         Command::Gc { dry_run } => gc(&pool, &settings, *dry_run).await?,
         Command::Remove { pack, runtime } => {
             remove(&pool, &settings, pack, runtime.as_deref()).await?

@@ -36,13 +36,6 @@ pub async fn run(
     filter: LogFilter,
 ) -> Result<(), Error> {
     migrate_if_needed(&pool).await?;
-    let root = settings.envs_root.clone();
-    packenv_core::blocking(move || packenv_core::layout::EnvsRoot::open(&root, true))
-        .await
-        .map_err(|e| Error::Io {
-            what: "the envs root is not usable".into(),
-            source: std::io::Error::other(e.to_string()),
-        })?;
     let protections = crate::hardening::Protections::detect(&settings)
         .await
         .map_err(|e| Error::Io {
@@ -51,12 +44,14 @@ pub async fn run(
         })?;
     protections.log();
     let worker = Worker::new(pool.clone(), Arc::new(settings.clone()));
+    worker.set_protections(protections.active.clone());
     let shutdown = worker.shutdown();
     let metrics_server = settings.metrics_listen.map(|addr| {
         let window = (settings.poll_interval * 3).max(Duration::from_secs(30));
         tokio::spawn(crate::ops::serve(
             addr,
             pool.clone(),
+            settings.node_name.clone(),
             worker.metrics(),
             worker.health(),
             window,

@@ -28,6 +28,8 @@ pub struct GcConfig {
     pub envs_root: PathBuf,
     /// How long a superseded build or an orphaned environment is kept before removal.
     pub grace: Duration,
+    /// The node whose rows say what to keep: the envs root is that node's disk.
+    pub node: String,
 }
 
 impl GcConfig {
@@ -35,6 +37,7 @@ impl GcConfig {
         GcConfig {
             envs_root: s.envs_root.clone(),
             grace: s.gc_grace,
+            node: s.node_name.clone(),
         }
     }
 }
@@ -92,7 +95,7 @@ fn is_switch_leftover_of(entry: &str, env: &str) -> bool {
 pub async fn run_once(pool: &PgPool, cfg: &GcConfig, dry_run: bool) -> Result<Report, Error> {
     // Rows first, then the disk: a build that starts after this query is younger than the
     // grace, so it is safe even though the query does not know it.
-    let rows = store::live_environments(pool)
+    let rows = store::live_environments(pool, &cfg.node)
         .await
         .map_err(Error::db("reading the environments to keep"))?;
     let root = cfg.envs_root.clone();
@@ -237,7 +240,7 @@ pub async fn remove(
     pack_ref: &str,
     runtime_ref: Option<&str>,
 ) -> Result<(Vec<String>, Report), Error> {
-    let deleted = store::remove(pool, pack_ref, runtime_ref)
+    let deleted = store::remove(pool, &cfg.node, pack_ref, runtime_ref)
         .await
         .map_err(Error::db("deleting the rows"))?;
     let names = deleted.iter().map(|(runtime, _)| runtime.clone()).collect();

@@ -57,9 +57,9 @@ impl Inflight {
         self.lock().get(token).cloned()
     }
 
-    /// The claim tokens held now.
-    pub fn tokens(&self) -> Vec<Uuid> {
-        self.lock().keys().copied().collect()
+    /// The claims held now.
+    pub fn fences(&self) -> Vec<Fence> {
+        self.lock().values().map(|r| r.fence).collect()
     }
 
     pub fn len(&self) -> usize {

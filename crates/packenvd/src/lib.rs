@@ -28,6 +28,7 @@ pub mod gc;
 pub mod hardening;
 pub mod inflight;
 pub mod logging;
+pub mod node;
 pub mod ops;
 pub mod services;
 pub mod store;

@@ -23,6 +23,8 @@ pub struct OutcomeLabel {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct StatusLabel {
     pub status: &'static str,
+    /// The node whose rows are counted: each daemon reports its own node's.
+    pub node: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -38,7 +40,7 @@ pub struct Metrics {
     /// Builds by outcome: ready, unchanged, retry, failed, released, discarded (claim lost).
     pub builds: Family<OutcomeLabel, Counter>,
     pub build_duration: Histogram,
-    /// Rows by status, read from the database at scrape time.
+    /// This node's rows by status, read from the database at scrape time.
     pub environments: Family<StatusLabel, Gauge>,
     /// From a row becoming claimable (its last write or its run_after) to its claim.
     pub pickup_latency: Histogram,
@@ -118,9 +120,9 @@ impl Metrics {
         self.builds.get_or_create(&OutcomeLabel { outcome }).inc();
     }
 
-    /// The text exposition, after reading the rows by status.
-    pub async fn render(&self, pool: &PgPool) -> String {
-        match store::count_by_status(pool).await {
+    /// The text exposition, after reading this node's rows by status.
+    pub async fn render(&self, pool: &PgPool, node: &str) -> String {
+        match store::count_by_status(pool, node).await {
             Ok(counts) => {
                 for status in Status::ALL {
                     let n = counts
@@ -130,6 +132,7 @@ impl Metrics {
                     self.environments
                         .get_or_create(&StatusLabel {
                             status: status.as_str(),
+                            node: node.to_owned(),
                         })
                         .set(n);
                 }
@@ -183,6 +186,7 @@ impl Health {
 pub async fn serve(
     listen: std::net::SocketAddr,
     pool: PgPool,
+    node: String,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     window: Duration,
@@ -194,14 +198,14 @@ pub async fn serve(
         .route(
             "/metrics",
             get(move || {
-                let (pool, metrics) = (pool.clone(), metrics.clone());
+                let (pool, metrics, node) = (pool.clone(), metrics.clone(), node.clone());
                 async move {
                     (
                         [(
                             axum::http::header::CONTENT_TYPE,
                             "application/openmetrics-text; version=1.0.0; charset=utf-8",
                         )],
-                        metrics.render(&pool).await,
+                        metrics.render(&pool, &node).await,
                     )
                 }
             }),

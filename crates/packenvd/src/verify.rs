@@ -53,6 +53,7 @@ pub async fn run_pass(
     loop {
         let rows = store::claim_verification(
             pool,
+            &settings.node_name,
             cutoff,
             pack,
             runtime,
@@ -103,13 +104,13 @@ pub async fn run_pass(
             };
             match (&failure, written) {
                 (Some(reason), true) => {
-                    tracing::warn!(pack_ref = %row.pack_ref, runtime_ref = %row.runtime_ref, env_id = row.id, reason = %reason, "verification failed: outdated, will be rebuilt")
+                    tracing::warn!(pack_ref = %row.pack_ref, runtime_ref = %row.runtime_ref, env_id = row.env_id, reason = %reason, "verification failed: outdated, will be rebuilt")
                 }
                 (_, false) => {
-                    tracing::info!(pack_ref = %row.pack_ref, env_id = row.id, "row changed while being verified; result discarded")
+                    tracing::info!(pack_ref = %row.pack_ref, env_id = row.env_id, "row changed while being verified; result discarded")
                 }
                 (None, true) => {
-                    tracing::debug!(pack_ref = %row.pack_ref, env_id = row.id, "verified")
+                    tracing::debug!(pack_ref = %row.pack_ref, env_id = row.env_id, "verified")
                 }
             }
             findings.push(Finding {

@@ -156,11 +156,13 @@ async fn a_runtime_nested_130_deep_fails_its_row_and_the_rest_of_the_claim_build
 
     // Verification: the deep row fails its check alone; the others are verified, and none
     // stays marked "being checked".
-    sqlx::query("UPDATE pack_environment SET status = 'ready', install_error = NULL WHERE id = $1")
-        .bind(bad)
-        .execute(&pool)
-        .await
-        .unwrap();
+    sqlx::query(
+        "UPDATE pack_environment_node SET status = 'ready', install_error = NULL WHERE env_id = $1",
+    )
+    .bind(bad)
+    .execute(&pool)
+    .await
+    .unwrap();
     let found = packenvd::verify::run_pass(&pool, &env.settings, &packenvd::verify::Scope::All)
         .await
         .unwrap();
@@ -276,7 +278,7 @@ async fn verification_never_runs_a_path_the_rows_metadata_names(pool: PgPool) {
     std::fs::write(&trap, format!("#!/bin/sh\ntouch {}\n", marker.display())).unwrap();
     std::fs::set_permissions(&trap, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
     sqlx::query(
-        "UPDATE pack_environment SET metadata = jsonb_set(metadata, '{executables,tool}', to_jsonb($2::text)) WHERE id = $1",
+        "UPDATE pack_environment_node SET metadata = jsonb_set(metadata, '{executables,tool}', to_jsonb($2::text)) WHERE env_id = $1",
     )
     .bind(id)
     .bind(trap.display().to_string())

@@ -22,6 +22,7 @@ fn gc_config(env: &Env, grace: Duration) -> GcConfig {
     GcConfig {
         envs_root: env.envs_root().to_owned(),
         grace,
+        node: node_name(),
     }
 }
 
@@ -137,13 +138,17 @@ async fn the_collector_removes_only_what_packenvd_made_and_recorded(pool: PgPool
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn an_envs_root_packenvd_does_not_own_is_refused_by_builds_and_the_collector(pool: PgPool) {
     let env = Env::new(&[]);
+    // A worker started on a root it owns, whose root is then swapped for somebody else's.
+    let worker = env.worker(&pool);
+    worker.drain().await.unwrap();
+    std::fs::remove_file(env.envs_root().join(".packenvd-root")).unwrap();
     std::fs::create_dir_all(env.envs_root().join("somebody")).unwrap();
     std::fs::write(env.envs_root().join("somebody/data"), "theirs").unwrap();
     add_runtime(&pool, "t.env", shell_runtime("true")).await;
     env.pack_dir("p", &[]);
     add_pack(&pool, "p").await;
     let id = request(&pool, "p", "t.env").await;
-    // The daemon refuses to start on it...
+    // A daemon refuses to start on it...
     let mut d = Daemon::spawn(&env, &database_url(&pool), "a", &[], &[]);
     assert!(d.wait_exit(Duration::from_secs(20)).is_some(), "it started");
     assert!(!d.child.wait().unwrap().success());
@@ -152,8 +157,10 @@ async fn an_envs_root_packenvd_does_not_own_is_refused_by_builds_and_the_collect
         "{}",
         d.output()
     );
-    // ...and a build that reaches it anyway touches nothing and says why.
-    env.worker(&pool).drain().await.unwrap();
+    // ...and the running one's build touches nothing and says why.
+    let mut builds = tokio::task::JoinSet::new();
+    worker.step(&mut builds).await.unwrap();
+    while builds.join_next().await.is_some() {}
     let r = row(&pool, id).await;
     assert_ne!(r.status, "ready");
     assert!(
@@ -217,8 +224,8 @@ async fn a_step_cannot_connect_to_a_port_it_was_not_given(pool: PgPool) {
     let probe = format!(
         "python3 -c \"import socket; socket.create_connection(('127.0.0.1', {port}), timeout=5)\" && echo connected > {{env_path}}/result || echo refused > {{env_path}}/result"
     );
+    let mut env = Env::new(&[]);
     for (allowed, expect) in [(false, "refused"), (true, "connected")] {
-        let mut env = Env::new(&[]);
         if allowed {
             env.settings.step_tcp_ports = packenvd::config::Ports(Some(vec![443, port]));
         }
@@ -247,11 +254,19 @@ async fn built_but_not_switched(
     pool: &PgPool,
     env: &Env,
 ) -> (ReadyJob, tokio::sync::oneshot::Receiver<Written>) {
-    let claim = store::claim(pool, "me", Duration::from_secs(60), 1, env.envs_root())
-        .await
-        .unwrap()
-        .pop()
-        .expect("a claim");
+    env.worker(pool).start_node().await.unwrap();
+    let claim = store::claim(
+        pool,
+        &node_name(),
+        "me",
+        Duration::from_secs(60),
+        1,
+        env.envs_root(),
+    )
+    .await
+    .unwrap()
+    .pop()
+    .expect("a claim");
     let built = packenv_core::build::run(
         &env.settings.build_config(),
         &claim.row.target(),

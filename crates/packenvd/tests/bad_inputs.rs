@@ -83,7 +83,8 @@ async fn malformed_installers_json_fails_naming_where(pool: PgPool) {
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_pack_ref_with_dot_dot_or_slash_fails_and_writes_nothing(pool: PgPool) {
     for (i, bad_ref) in ["../escape", "a/b", ".hidden"].into_iter().enumerate() {
-        let env = Env::new(&[]);
+        // A directory of its own each time, so a node of its own.
+        let env = Env::new(&[("node_name", &format!("n{i}"))]);
         let rt = format!("t.trace{i}");
         add_runtime(&pool, &rt, json!({"installers": [tracing_step(&env)]})).await;
         // Packs the platform registered with a storage_path, so the path itself exists.
@@ -109,6 +110,8 @@ async fn a_pack_ref_with_dot_dot_or_slash_fails_and_writes_nothing(pool: PgPool)
         let outside: Vec<String> = tree(env.dir.path())
             .into_iter()
             .filter(|p| !p.starts_with("packs") && !p.starts_with("storage") && p != "scratch")
+            // The node's envs root and its marker, made when the node starts.
+            .filter(|p| p != "envs" && p != "envs/.packenvd-root")
             .collect();
         assert!(outside.is_empty(), "written: {outside:?}");
     }

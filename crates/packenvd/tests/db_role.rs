@@ -407,3 +407,55 @@ async fn under_the_role_a_pending_migration_stops_the_daemon_until_the_owner_mig
     until_all_ready(&pool, &mut daemon, Duration::from_secs(30)).await;
     stop(daemon);
 }
+
+/// The platform's own role writes `pack_environment` and nothing of packenvd's: its requests,
+/// resets and inserts still reach every node, because the fan-out runs with the owner's rights.
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_platform_role_with_rights_on_pack_environment_only_reaches_every_node(owner: PgPool) {
+    let role = TestRole::create(&owner).await;
+    sqlx::raw_sql(&format!(
+        "REVOKE ALL ON packenvd_node, pack_environment_node, v_pack_environment_node FROM {r};
+         REVOKE ALL ON SEQUENCE pack_environment_node_id_seq FROM {r};",
+        r = quote_ident(&role.name)
+    ))
+    .execute(&owner)
+    .await
+    .unwrap();
+    register_node(&owner, "/envs").await;
+    add_runtime(&owner, "t.noop", shell_runtime("true")).await;
+    add_pack(&owner, "a").await;
+    add_pack(&owner, "b").await;
+    let platform = role.pool().await;
+    request(&platform, "a", "t.noop").await;
+    sqlx::query(
+        "INSERT INTO pack_environment (pack, runtime, status)
+         SELECT p.id, r.id, 'pending' FROM pack p, runtime r WHERE p.ref = 'b' AND r.ref = 't.noop'",
+    )
+    .execute(&platform)
+    .await
+    .expect("a plain insert under the platform's role");
+    sqlx::query("UPDATE pack_environment SET status = 'outdated' WHERE pack_ref = 'a'")
+        .execute(&platform)
+        .await
+        .expect("a pack update under the platform's role");
+    let denied = sqlx::query("SELECT 1 FROM pack_environment_node")
+        .execute(&platform)
+        .await
+        .expect_err("the role has no rights on the node rows");
+    assert!(denied.to_string().contains("permission denied"), "{denied}");
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT pe.pack_ref, n.node, n.status::text FROM pack_environment_node n
+         JOIN pack_environment pe ON pe.id = n.env_id ORDER BY 1",
+    )
+    .fetch_all(&owner)
+    .await
+    .unwrap();
+    assert_eq!(
+        rows,
+        [
+            ("a".into(), node_name(), "outdated".into()),
+            ("b".into(), node_name(), "pending".into())
+        ]
+    );
+    platform.close().await;
+}

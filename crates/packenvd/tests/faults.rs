@@ -223,7 +223,6 @@ async fn the_daemon_survives_a_database_outage_and_every_result_reaches_the_tabl
         add_pack(&pool, &pack).await;
         request(&pool, &pack, "t.work").await;
     }
-    pool.close().await;
     let mut d = Daemon::spawn(
         &env,
         &cluster.url(),
@@ -234,7 +233,18 @@ async fn the_daemon_survives_a_database_outage_and_every_result_reaches_the_tabl
         ],
         &[],
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Down while the builds run (each sleeps 3 s), so their results wait for it.
+    eventually(Duration::from_secs(30), "builds running", || async {
+        sqlx::query_scalar::<_, i64>(
+            "SELECT count(*) FROM pack_environment_node WHERE status = 'installing'",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap()
+            == 6
+    })
+    .await;
+    pool.close().await;
     cluster.ctl("stop");
     let stopped_at = Instant::now();
     tokio::time::sleep(Duration::from_secs(10)).await;
@@ -345,7 +355,7 @@ async fn sigterm_hands_running_builds_back_and_leaves_no_child_process(pool: PgP
 
 /// Makes every waiting retry due now, as if its backoff had passed.
 async fn due_now(pool: &PgPool) {
-    sqlx::query("UPDATE pack_environment SET run_after = now() WHERE status = 'pending'")
+    sqlx::query("UPDATE pack_environment_node SET run_after = now() WHERE status = 'pending'")
         .execute(pool)
         .await
         .unwrap();
@@ -418,11 +428,13 @@ async fn a_step_that_always_fails_ends_failed_after_max_attempts(pool: PgPool) {
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
+    register_node(&pool, "/envs").await;
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;
     add_pack(&pool, "p").await;
     let id = request(&pool, "p", "t.noop").await;
     let claimed = packenvd::store::claim(
         &pool,
+        &node_name(),
         "a",
         Duration::from_secs(60),
         1,
@@ -432,13 +444,19 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
     .unwrap();
     let token = claimed[0].fence.token;
     // The lease runs out (as if the holder paused), another instance rescues and reclaims.
-    sqlx::query("UPDATE pack_environment SET lease_expires_at = now() - interval '1 second'")
+    sqlx::query("UPDATE pack_environment_node SET lease_expires_at = now() - interval '1 second'")
         .execute(&pool)
         .await
         .unwrap();
-    assert_eq!(packenvd::store::rescue_expired(&pool, 3).await.unwrap(), 1);
+    assert_eq!(
+        packenvd::store::rescue_expired(&pool, &node_name(), 3)
+            .await
+            .unwrap(),
+        1
+    );
     let again = packenvd::store::claim(
         &pool,
+        &node_name(),
         "b",
         Duration::from_secs(60),
         1,
@@ -457,7 +475,7 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
     let fence = packenvd::store::Fence { id, token };
     assert!(!packenvd::store::finish(&pool, fence, late).await.unwrap());
     assert!(
-        packenvd::store::heartbeat(&pool, &[token], Duration::from_secs(60))
+        packenvd::store::heartbeat(&pool, &[fence], Duration::from_secs(60))
             .await
             .unwrap()
             .is_empty()
@@ -468,5 +486,10 @@ async fn a_late_write_back_is_fenced_out_after_a_rescue(pool: PgPool) {
         ("installing", Some(again[0].fence.token))
     );
     // A rescue never touches a row whose lease is still running.
-    assert_eq!(packenvd::store::rescue_expired(&pool, 3).await.unwrap(), 0);
+    assert_eq!(
+        packenvd::store::rescue_expired(&pool, &node_name(), 3)
+            .await
+            .unwrap(),
+        0
+    );
 }

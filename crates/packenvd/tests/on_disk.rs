@@ -215,6 +215,7 @@ async fn an_old_build_in_use_is_kept_past_the_grace_and_removed_once_unused(pool
     let within = GcConfig {
         envs_root: env.envs_root().to_owned(),
         grace: Duration::from_secs(3600),
+        node: node_name(),
     };
     let report = gc::run_once(&pool, &within, false).await.unwrap();
     assert!(
@@ -295,6 +296,7 @@ async fn a_deleted_pack_loses_its_environments_after_the_grace_and_dry_run_only_
     let cfg = GcConfig {
         envs_root: env.envs_root().to_owned(),
         grace: Duration::from_secs(3600),
+        node: node_name(),
     };
     assert!(
         gc::run_once(&pool, &cfg, true)
@@ -337,13 +339,28 @@ async fn a_request_with_unchanged_inputs_finishes_without_running_a_step(pool: P
     let env = Env::new(&[]);
     let (pack, wheels, id, built) = ready_python_pack(&pool, &env).await;
 
+    let before: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT clock_timestamp()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     let worker = env.worker(&pool);
     let shutdown = worker.shutdown();
     let daemon = tokio::spawn({
         let s = shutdown.clone();
         async move { worker.run(&s, false).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Started: its node checked what it can build, and registered. (A request before would
+    // wait for the start-up, which is not what this measures.)
+    eventually(Duration::from_secs(10), "the node registered", || async {
+        sqlx::query_scalar::<_, bool>("SELECT last_seen > $1 FROM packenvd_node")
+            .bind(before)
+            .fetch_optional(&pool)
+            .await
+            .unwrap()
+            .unwrap_or(false)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
     let asked = Instant::now();
     request(&pool, "p", "core.python").await;
     eventually(Duration::from_secs(5), "ready again", || async {

@@ -212,15 +212,16 @@ async fn metrics_and_healthz_are_served_when_asked(pool: PgPool) {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (status, body) = http_get(port, "/metrics");
     assert_eq!(status, 200);
+    let node = node_name();
     for line in [
-        "packenvd_builds_total{outcome=\"ready\"} 1",
-        "packenvd_builds_total{outcome=\"failed\"} 1",
-        "packenvd_environments{status=\"ready\"} 1",
-        "packenvd_environments{status=\"failed\"} 1",
-        "packenvd_pickup_latency_seconds_count 2",
-        "packenvd_build_duration_seconds_count 2",
+        "packenvd_builds_total{outcome=\"ready\"} 1".to_string(),
+        "packenvd_builds_total{outcome=\"failed\"} 1".to_string(),
+        format!("packenvd_environments{{status=\"ready\",node=\"{node}\"}} 1"),
+        format!("packenvd_environments{{status=\"failed\",node=\"{node}\"}} 1"),
+        "packenvd_pickup_latency_seconds_count 2".to_string(),
+        "packenvd_build_duration_seconds_count 2".to_string(),
     ] {
-        assert!(body.contains(line), "missing {line:?} in:\n{body}");
+        assert!(body.contains(&line), "missing {line:?} in:\n{body}");
     }
     let (status, body) = http_get(port, "/healthz");
     assert_eq!((status, body.trim()), (200, "ok"));

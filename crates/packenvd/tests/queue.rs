@@ -14,6 +14,7 @@ async fn claim_until_empty(pool: &PgPool, instance: &str, batch: i64) -> Vec<i64
     loop {
         let rows = store::claim(
             pool,
+            &node_name(),
             instance,
             Duration::from_secs(60),
             batch,
@@ -30,6 +31,7 @@ async fn claim_until_empty(pool: &PgPool, instance: &str, batch: i64) -> Vec<i64
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn two_concurrent_claimers_get_disjoint_rows(pool: PgPool) {
+    register_node(&pool, "/envs").await;
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;
     for i in 0..200 {
         add_pack(&pool, &format!("p{i}")).await;
@@ -57,6 +59,7 @@ async fn two_concurrent_claimers_get_disjoint_rows(pool: PgPool) {
 async fn a_claim_takes_no_more_rows_than_asked_sets_the_lease_and_places_the_environment(
     pool: PgPool,
 ) {
+    register_node(&pool, "/envs").await;
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;
     for i in 0..5 {
         add_pack(&pool, &format!("p{i}")).await;
@@ -66,6 +69,7 @@ async fn a_claim_takes_no_more_rows_than_asked_sets_the_lease_and_places_the_env
     request(&pool, "sh", "core.shell").await;
     let rows = store::claim(
         &pool,
+        &node_name(),
         "me",
         Duration::from_secs(60),
         2,
@@ -94,13 +98,15 @@ async fn a_claim_takes_no_more_rows_than_asked_sets_the_lease_and_places_the_env
     );
     // ...but not for a runtime that needs no environment.
     sqlx::query(
-        "UPDATE pack_environment SET run_after = now() + interval '1 hour' WHERE pack_ref <> 'sh'",
+        "UPDATE pack_environment_node n SET run_after = now() + interval '1 hour'
+         FROM pack_environment pe WHERE pe.id = n.env_id AND pe.pack_ref <> 'sh'",
     )
     .execute(&pool)
     .await
     .unwrap();
     let shell = store::claim(
         &pool,
+        &node_name(),
         "me",
         Duration::from_secs(60),
         5,
@@ -128,6 +134,7 @@ async fn outdated_rows_are_claimed_like_pending_ones(pool: PgPool) {
         .unwrap();
     let claimed = store::claim(
         &pool,
+        &node_name(),
         "me",
         Duration::from_secs(60),
         10,
@@ -140,6 +147,7 @@ async fn outdated_rows_are_claimed_like_pending_ones(pool: PgPool) {
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn the_claim_reads_the_partial_index_even_on_an_all_pending_table(pool: PgPool) {
+    register_node(&pool, "/envs").await;
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;
     sqlx::query(
         "INSERT INTO pack (ref, label) SELECT 'p' || i, 'p' FROM generate_series(1, 5000) i",
@@ -154,21 +162,22 @@ async fn the_claim_reads_the_partial_index_even_on_an_all_pending_table(pool: Pg
     for finished in [false, true] {
         if finished {
             // Most rows done: the claim must not walk them.
-            sqlx::query("UPDATE pack_environment SET status = 'ready', claim_token = gen_random_uuid() WHERE id % 100 <> 0")
+            sqlx::query("UPDATE pack_environment_node SET status = 'ready' WHERE id % 100 <> 0")
                 .execute(&pool)
                 .await
                 .unwrap();
         }
-        sqlx::query("ANALYZE pack_environment")
+        sqlx::query("ANALYZE pack_environment_node")
             .execute(&pool)
             .await
             .unwrap();
         // The claim statement itself, as the daemon sends it.
-        let plan: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN {}", store::CLAIM_SQL))
+        let plan: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN {}", *store::CLAIM_SQL))
             .bind("explain")
             .bind(60.0f64)
             .bind(8i64)
             .bind("/envs")
+            .bind(node_name())
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -186,7 +195,7 @@ async fn the_claim_reads_the_partial_index_even_on_an_all_pending_table(pool: Pg
             .collect();
         let cte_text: String = cte.iter().map(|l| format!("{l}\n")).collect();
         assert!(
-            cte_text.contains("pack_environment_claimable_idx"),
+            cte_text.contains("pack_environment_node_claimable_idx"),
             "finished={finished}:\n{text}"
         );
         assert!(

@@ -25,8 +25,10 @@ async fn claimed_rows(pool: &PgPool, n: usize) -> Vec<Claim> {
         add_pack(pool, &format!("p{i}")).await;
         request(pool, &format!("p{i}"), "t.noop").await;
     }
+    register_node(pool, "/envs").await;
     store::claim(
         pool,
+        &node_name(),
         "me",
         Duration::from_secs(60),
         n as i64,
@@ -60,7 +62,7 @@ async fn a_heartbeat_renews_held_leases_and_cancels_the_build_whose_claim_was_lo
     let claims = claimed_rows(&pool, 2).await;
     let inflight = Arc::new(Inflight::default());
     let builds = register(&inflight, &claims);
-    sqlx::query("UPDATE pack_environment SET lease_expires_at = now() + interval '5 seconds'")
+    sqlx::query("UPDATE pack_environment_node SET lease_expires_at = now() + interval '5 seconds'")
         .execute(&pool)
         .await
         .unwrap();
@@ -69,6 +71,7 @@ async fn a_heartbeat_renews_held_leases_and_cancels_the_build_whose_claim_was_lo
         pool: pool.clone(),
         config: HeartbeatConfig {
             lease: Duration::from_secs(600),
+            node: node_name(),
         },
         inflight: inflight.clone(),
         metrics: Arc::default(),
@@ -83,7 +86,8 @@ async fn a_heartbeat_renews_held_leases_and_cancels_the_build_whose_claim_was_lo
         "the lost claim's build is cancelled"
     );
     let renewed: bool = sqlx::query_scalar(
-        "SELECT lease_expires_at > now() + interval '500 seconds' FROM pack_environment WHERE id = $1",
+        "SELECT lease_expires_at > now() + interval '500 seconds' FROM pack_environment_node
+         WHERE env_id = $1",
     )
     .bind(claims[0].row.id)
     .fetch_one(&pool)
@@ -112,10 +116,14 @@ async fn the_log_flusher_writes_only_changed_logs_and_cancels_builds_whose_row_w
     };
     let report = flusher.run_once().await.unwrap();
     assert_eq!((report.written, report.lost), (1, 1));
-    assert_eq!(
-        row(&pool, claims[0].row.id).await.install_log.as_deref(),
-        Some("step 1 of p0\n")
-    );
+    // A running build's log is this node's: it reaches the platform's row when the build ends.
+    let log: Option<String> =
+        sqlx::query_scalar("SELECT install_log FROM pack_environment_node WHERE env_id = $1")
+            .bind(claims[0].row.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(log.as_deref(), Some("step 1 of p0\n"));
     assert!(builds[2].0.is_cancelled());
     assert!(!builds[0].0.is_cancelled() && !builds[1].0.is_cancelled());
     // Nothing changed since: nothing is written.
@@ -131,9 +139,9 @@ async fn the_rescuer_sends_expired_rows_back_and_fails_those_whose_attempts_are_
     let claims = claimed_rows(&pool, 3).await;
     // p0: a live lease; p1: expired on its first attempt; p2: expired on its last.
     sqlx::query(
-        "UPDATE pack_environment SET lease_expires_at = now() - interval '1 second',
-                attempts = CASE pack_ref WHEN 'p2' THEN 2 ELSE attempts END
-         WHERE pack_ref IN ('p1', 'p2')",
+        "UPDATE pack_environment_node n SET lease_expires_at = now() - interval '1 second',
+                attempts = CASE pe.pack_ref WHEN 'p2' THEN 2 ELSE n.attempts END
+         FROM pack_environment pe WHERE pe.id = n.env_id AND pe.pack_ref IN ('p1', 'p2')",
     )
     .execute(&pool)
     .await

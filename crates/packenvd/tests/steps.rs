@@ -205,7 +205,7 @@ async fn a_failing_step_is_retried_with_backoff_then_failed(pool: PgPool) {
     .await
     .unwrap();
     assert!((2600.0..4600.0).contains(&wait), "next try in {wait} s");
-    sqlx::query("UPDATE pack_environment SET run_after = now()")
+    sqlx::query("UPDATE pack_environment_node SET run_after = now()")
         .execute(&pool)
         .await
         .unwrap();

@@ -23,7 +23,7 @@ fn tool_runtime() -> serde_json::Value {
 }
 
 async fn make_stale(pool: &PgPool) {
-    sqlx::query("UPDATE pack_environment SET last_verified = now() - interval '8 days' WHERE status = 'ready'")
+    sqlx::query("UPDATE pack_environment_node SET last_verified = now() - interval '8 days' WHERE status = 'ready'")
         .execute(pool)
         .await
         .unwrap();
@@ -211,6 +211,8 @@ async fn two_instances_verify_a_thousand_stale_rows_each_exactly_once(pool: PgPo
     .execute(&pool)
     .await
     .unwrap();
+    // Rows the platform wrote as they were before nodes existed: this node adopts them.
+    register_node(&pool, &env.envs_root().display().to_string()).await;
     let tool = std::fs::read(Path::new(&build_dir).join("bin/tool")).unwrap();
     for i in 1..=999 {
         let dir = env.envs_root().join(format!("p{i}"));

@@ -107,6 +107,9 @@ pub async fn packenvd_throughput(
     result
 }
 
+/// The node of the raw-limit loops.
+const RAW_NODE: &str = "bench-raw";
+
 /// The raw limit: packenvd's own claim and write-back statements in a tight loop, no daemon.
 /// `tasks` loops run at once, each claiming up to `concurrency` rows and writing each back.
 pub async fn raw_throughput(
@@ -120,10 +123,25 @@ pub async fn raw_throughput(
         insert_packs(&db.pool, "raw", rows).await?;
         // The daemon's own pool settings, so raw and daemon pay the same per statement.
         let pool = packenvd::store::connect(&db.url, tasks as u32).await?;
+        let envs_root = Arc::new(ctx.dir("raw-envs")?);
+        // The node the loops work for, registered as a daemon's start would: the requests
+        // below fan out to it, as they would to a daemon's.
+        packenvd::store::register_node(
+            &pool,
+            &packenvd::store::NodeInfo {
+                name: RAW_NODE.into(),
+                envs_root: envs_root.display().to_string(),
+                version: "bench".into(),
+                runtimes: serde_json::json!({}),
+                tools: serde_json::json!({}),
+                protections: serde_json::json!([]),
+                ttl: Duration::from_secs(600),
+            },
+        )
+        .await?;
         let t0 = insert_shell_rows(&db.pool).await?;
         let metadata =
             Arc::new(serde_json::json!({"requires_environment": false, "runtime": "core.shell"}));
-        let envs_root = Arc::new(ctx.dir("raw-envs")?);
         let mut loops = tokio::task::JoinSet::new();
         for i in 0..tasks {
             let pool = pool.clone();
@@ -134,6 +152,7 @@ pub async fn raw_throughput(
                 loop {
                     let claimed = packenvd::store::claim(
                         &pool,
+                        RAW_NODE,
                         &name,
                         Duration::from_secs(60),
                         concurrency as i64,

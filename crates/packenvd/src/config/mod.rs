@@ -120,6 +120,13 @@ fn cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
+fn default_node_name() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "unknown-host".into())
+}
+
 fn default_instance_name() -> String {
     let host = nix::unistd::gethostname()
         .ok()
@@ -200,6 +207,19 @@ settings! {
     step_max_processes: Limit = Limit(Some(4096)); Live; |l: &Limit| at_least(l, 16);
     /// Largest file a step may write (RLIMIT_FSIZE).
     step_max_file_size: Limit = Limit(Some(4 << 30)); Live; |l: &Limit| at_least(l, 1 << 20);
+    /// This node's name (DESIGN §8): one envs filesystem, whose daemons share its rows. Kept
+    /// in the envs root's marker at first start; a marker naming another node stops the
+    /// daemon. Default: the host name.
+    node_name: String = default_node_name(); Restart; |s: &String| {
+        if s.is_empty() || s.len() > 200 || s.chars().any(|c| c.is_control() || c == '"') {
+            Err("must be 1 to 200 printable characters, without quotes".to_string())
+        } else {
+            Ok(())
+        }
+    };
+    /// A node not seen for this long is gone: the environments it was building stop waiting
+    /// for it. Its daemons refresh it every third of the lease.
+    node_ttl: Duration = Duration::from_secs(600); Restart; |d| between(d, 10 * SECOND, 30 * DAY);
     /// Written to claimed_by: who holds a row. Default: <hostname>:<pid>.
     instance_name: String = default_instance_name(); Restart; |s: &String| {
         if s.is_empty() || s.len() > 200 || s.chars().any(char::is_control) {

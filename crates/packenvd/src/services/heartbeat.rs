@@ -13,11 +13,13 @@ use crate::services::Service;
 use crate::store;
 
 /// Settings of the heartbeat.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct HeartbeatConfig {
     /// Each renewal extends a lease to now + this; the heartbeat runs every third of it, so two
     /// missed beats still leave the lease valid.
     pub lease: Duration,
+    /// The node whose `last_seen` each beat refreshes (one small UPDATE).
+    pub node: String,
 }
 
 /// What one heartbeat did.
@@ -46,7 +48,18 @@ impl Service for Heartbeat {
     }
 
     async fn run_once(&self) -> Result<HeartbeatReport, crate::Error> {
-        let held = self.inflight.tokens();
+        let was_gone = store::touch_node(&self.pool, &self.config.node)
+            .await
+            .map_err(crate::Error::db("refreshing the node"))?;
+        if was_gone {
+            // Declared gone while this daemon could not reach the database: its rows stopped
+            // counting; they count again as it catches up.
+            let n = store::catch_up(&self.pool, &self.config.node)
+                .await
+                .map_err(crate::Error::db("catching up"))?;
+            tracing::warn!(node = %self.config.node, rows = n, "this node had been declared gone; caught up");
+        }
+        let held = self.inflight.fences();
         if held.is_empty() {
             return Ok(HeartbeatReport::default());
         }
@@ -58,7 +71,11 @@ impl Service for Heartbeat {
             })?;
         self.health.db_answered();
         self.metrics.heartbeats.inc();
-        let lost: Vec<Uuid> = held.into_iter().filter(|t| !kept.contains(t)).collect();
+        let lost: Vec<Uuid> = held
+            .into_iter()
+            .map(|f| f.token)
+            .filter(|t| !kept.contains(t))
+            .collect();
         for token in &lost {
             if self.inflight.cancel(token) {
                 self.metrics.claims_lost.inc();

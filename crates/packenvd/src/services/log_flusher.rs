@@ -56,7 +56,7 @@ impl Service for LogFlusher {
                 self.inflight.flushed(&fence.token, version);
                 report.written += 1;
             } else if self.inflight.cancel(&fence.token) {
-                tracing::warn!(env_id = fence.id, claim_token = %fence.token, "claim lost while building; cancelling the build");
+                tracing::warn!(node_row = fence.id, claim_token = %fence.token, "claim lost while building; cancelling the build");
                 self.metrics.claims_lost.inc();
                 report.lost += 1;
             }

@@ -12,13 +12,15 @@ use crate::services::{Live, Service};
 use crate::store;
 
 /// Settings of the rescuer.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RescuerConfig {
     /// It looks once per lease: a row is rescued at most one lease after its lease expired, and
     /// an idle daemon sends one statement per lease for it.
     pub lease: Duration,
     /// A rescued row whose attempts reached this is failed instead of retried.
     pub max_attempts: u32,
+    /// Only this node's rows are rescued: no node takes another's work.
+    pub node: String,
 }
 
 impl RescuerConfig {
@@ -26,6 +28,7 @@ impl RescuerConfig {
         RescuerConfig {
             lease: s.lease,
             max_attempts: s.max_attempts,
+            node: s.node_name.clone(),
         }
     }
 }
@@ -54,22 +57,33 @@ impl Service for Rescuer {
     }
 
     async fn run_once(&self) -> Result<u64, crate::Error> {
-        let max = self.config().max_attempts;
-        let n = match store::rescue_expired(&self.pool, max).await {
+        let RescuerConfig {
+            max_attempts: max,
+            node,
+            ..
+        } = self.config();
+        // Nodes not seen for their ttl stop counting, whoever notices first.
+        let gone = store::reap_gone_nodes(&self.pool)
+            .await
+            .map_err(crate::Error::db("declaring nodes gone"))?;
+        for g in &gone {
+            tracing::warn!(node = %g, "node gone: not seen for its ttl; environments stop waiting for it");
+        }
+        let n = match store::rescue_expired(&self.pool, &node, max).await {
             Ok(n) => n,
             // The database refuses the statement for one of the rows: rescue them one by one,
             // so that row does not keep the others installing forever.
             Err(e) if !store::is_transient(&e) => {
                 tracing::warn!(error = %crate::error::chain(&e), "the database refused a rescue; rescuing rows one by one");
-                let ids = store::expired_leases(&self.pool)
+                let ids = store::expired_leases(&self.pool, &node)
                     .await
                     .map_err(crate::Error::db("listing expired leases"))?;
                 let mut n = 0;
                 for id in ids {
-                    match store::rescue_row(&self.pool, max, id).await {
+                    match store::rescue_row(&self.pool, &node, max, id).await {
                         Ok(k) => n += k,
                         Err(e) => {
-                            tracing::warn!(env_id = id, error = %crate::error::chain(&e), "the database refuses to rescue this row")
+                            tracing::warn!(node_row = id, error = %crate::error::chain(&e), "the database refuses to rescue this row")
                         }
                     }
                 }

@@ -18,6 +18,8 @@ pub const STATUS_INTERVAL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct StatusLine {
     pub pool: PgPool,
+    /// The node whose rows are counted.
+    pub node: String,
     pub inflight: Arc<Inflight>,
     pub notifier: Arc<Notifier>,
 }
@@ -33,7 +35,7 @@ impl Service for StatusLine {
     }
 
     async fn run_once(&self) -> Result<String, crate::Error> {
-        let counts = store::count_by_status(&self.pool)
+        let counts = store::count_by_status(&self.pool, &self.node)
             .await
             .map_err(crate::Error::db("counting rows by status"))?;
         let n = |s: Status| counts.iter().find(|(k, _)| *k == s).map_or(0, |(_, n)| *n);

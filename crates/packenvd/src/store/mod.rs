@@ -2,19 +2,24 @@
 //! Queries are checked at run time (`sqlx::query_as`), and the integration tests run each of
 //! them against a real PostgreSQL.
 //!
-//! # The state machine (DESIGN §2)
+//! # The state machine (DESIGN §2), per node (DESIGN §8)
+//!
+//! The platform writes `pack_environment`, one row per (pack, runtime); the queue is
+//! `pack_environment_node`, one row per (environment, node), and the machine below is a node
+//! row's. The parent's `status` is the summary of its required node rows (see the migration
+//! `…_nodes.sql`), kept in the same statement as each node row's change.
 //!
 //! | from | to | made by |
 //! |---|---|---|
-//! | (none) | `pending` | `request_pack_environment()` (SQL) or a plain `INSERT`; [`request`] |
-//! | `pending`, `outdated` | `installing` | [`claim`] (attempts + 1, a fresh claim token, a lease) |
+//! | (none) | `pending` | the fan-out trigger, for each live node that can build the runtime, when the platform inserts or asks (`request_pack_environment()`, a plain `INSERT` or `UPDATE`); [`catch_up`] for a node that joins or returns; [`adopt`] takes over a single-host row as it is |
+//! | `pending`, `outdated` | `installing` | [`claim`] of the row's own node (attempts + 1, a fresh claim token, a lease) |
 //! | `installing` | `ready` | [`finish`] with [`Transition::Ready`] or [`Transition::Unchanged`] |
 //! | `installing` | `pending` (run later) | [`finish`] with [`Transition::Retry`] |
 //! | `installing` | `failed` | [`finish`] with [`Transition::Failed`] |
 //! | `installing` | `pending` (attempt not spent) | [`finish`] with [`Transition::Released`] (shutdown) |
-//! | `installing`, lease expired | `pending`, or `failed` when attempts are spent | [`rescue_expired`] |
-//! | `ready` | `outdated` | [`finish_verification`] with a failure; a pack update (a plain `UPDATE`) |
-//! | any | `pending` | an operator's `UPDATE`, [`rebuild`]: the trigger `pack_environment_before_write` drops the claim and starts the attempts over |
+//! | `installing`, lease expired | `pending`, or `failed` when attempts are spent | [`rescue_expired`] of the same node |
+//! | `ready` | `outdated` | [`finish_verification`] with a failure; [`builds_missing`] at start; a pack update (the platform's `UPDATE`, fanned out) |
+//! | any | `pending` | an operator's `UPDATE` of the parent, [`rebuild`] (all nodes) or [`rebuild_on_node`]: the triggers drop the claim and start the attempts over |
 //!
 //! Fencing (DESIGN §3): every write for a claimed row says `WHERE id = $1 AND claim_token = $2`
 //! and reports whether it matched, so a stale build never overwrites a reset or another claim.
@@ -22,7 +27,9 @@
 //! lock keeps any reset waiting, so a lost claim never changes what `env_path` serves.
 
 mod admin;
+mod nodes;
 mod queue;
+mod summary;
 mod verify;
 
 use std::time::Duration;
@@ -35,6 +42,7 @@ use sqlx::PgPool;
 use uuid::Uuid;
 
 pub use admin::*;
+pub use nodes::*;
 pub use queue::*;
 pub use verify::*;
 
@@ -164,7 +172,10 @@ impl Transition {
 /// the row, its pack and its runtime.
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct EnvRow {
+    /// The node row (`pack_environment_node.id`): what claims, fences and checks name.
     pub id: i64,
+    /// The environment (`pack_environment.id`): what the platform and the logs name.
+    pub env_id: i64,
     pub pack_ref: String,
     pub runtime_ref: String,
     pub runtime_name: String,
@@ -197,7 +208,7 @@ impl EnvRow {
     /// What the build or the check needs of the row.
     pub fn target(&self) -> Target {
         Target {
-            env_id: self.id,
+            env_id: self.env_id,
             pack_ref: self.pack_ref.clone(),
             runtime_ref: self.runtime_ref.clone(),
             runtime_name: self.runtime_name.clone(),

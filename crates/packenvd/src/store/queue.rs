@@ -1,72 +1,100 @@
 //! The queue's statements: claim, heartbeat, log flush, fenced write-back, rescue.
 
 use std::collections::HashMap;
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use sqlx::{PgConnection, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
+use super::summary::{parents_cte, MIRROR_ERROR};
 use super::{Claim, EnvRow, Fence, Transition};
 
-/// The claim (DESIGN §3): up to `$3` claimable rows, oldest `run_after` first, in one statement
-/// that commits before any build starts. Its CTE reads `pack_environment_claimable_idx`, whose
-/// `WHERE` is the CTE's, so a claim never walks finished rows. A row without `env_path` gets
-/// `<envs_root>/<pack's ref>/<runtime name, lower-cased>` (`$4` is the envs root: the SQL side
-/// cannot know the daemon's config); the build still checks it before any write. `problem`
-/// says what the row contradicts: a `pack_ref` or `runtime_ref` that is not its pack's or
-/// runtime's ref, or a runtime whose directory name an older row of the same pack already has
-/// (names that differ only in case); the build then fails the row before anything runs.
-pub const CLAIM_SQL: &str = "WITH c AS MATERIALIZED (
-         SELECT id, greatest(run_after, updated) AS claimable_since FROM pack_environment
-         WHERE status IN ('pending', 'outdated') AND run_after <= now()
-         ORDER BY run_after, id
-         LIMIT $3
-         FOR UPDATE SKIP LOCKED)
-     UPDATE pack_environment pe
-     SET status = 'installing', claimed_by = $1, claim_token = gen_random_uuid(),
-         lease_expires_at = now() + make_interval(secs => $2), attempts = pe.attempts + 1,
-         env_path = CASE
-             WHEN pe.env_path IS NOT NULL
-                  OR r.installers->'requires_environment' = 'false'::jsonb THEN pe.env_path
-             ELSE $4 || '/' || p.ref || '/' || lower(r.name) END
-     FROM c, pack p, runtime r
-     WHERE pe.id = c.id AND p.id = pe.pack AND r.id = pe.runtime
-     RETURNING pe.id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, pe.env_path,
-               p.storage_path, r.installers::text AS installers, pe.fingerprint,
-               pe.metadata::text AS metadata, pe.claim_token, pe.attempts, pe.skip_if_current,
-               extract(epoch FROM clock_timestamp() - c.claimable_since)::float8 AS pickup_secs,
-               NULL::timestamptz AS checked_at,
-               CASE
-                 WHEN pe.pack_ref IS DISTINCT FROM p.ref THEN format(
-                   'the row''s pack_ref %L is not the ref %L of its pack (id %s)',
-                   pe.pack_ref, p.ref, p.id)
-                 WHEN pe.runtime_ref IS DISTINCT FROM r.ref THEN format(
-                   'the row''s runtime_ref %L is not the ref %L of its runtime (id %s)',
-                   pe.runtime_ref, r.ref, r.id)
-                 ELSE (SELECT format(
-                   'runtime %s and runtime %s of pack %s would share the directory %L (their names differ only in case); rename one of them',
-                   r.ref, ro.ref, p.ref, lower(r.name))
-                   FROM pack_environment o JOIN runtime ro ON ro.id = o.runtime
-                   WHERE o.pack = pe.pack AND o.id < pe.id AND lower(ro.name) = lower(r.name)
-                     AND r.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
-                     AND ro.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
-                   LIMIT 1)
-               END AS problem,
-               NULL::timestamptz AS previous_verified, NULL::text AS previous_result";
+/// The claim (DESIGN §3, §8): up to `$3` claimable rows of node `$5`, oldest `run_after` first,
+/// in one statement that commits before any build starts. Its first CTE reads
+/// `pack_environment_node_claimable_idx`, which leads with the node and whose `WHERE` is the
+/// CTE's, so a claim never walks finished rows or other nodes' rows. A row without `env_path`
+/// gets the platform's `env_path` if it set one, else `<envs_root>/<pack's ref>/<runtime name,
+/// lower-cased>` (`$4` is this node's envs root); the build still checks it before any write.
+/// `problem` says what the row contradicts: a `pack_ref` or `runtime_ref` that is not its
+/// pack's or runtime's ref, or a runtime whose directory name an older row of the same pack
+/// already has (names that differ only in case); the build then fails the row before anything
+/// runs. The parent's counts and the single-host mirror move in the same statement.
+pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH c AS MATERIALIZED (
+             SELECT id, status AS old_status, required AS old_required,
+                    greatest(run_after, updated) AS claimable_since
+             FROM pack_environment_node
+             WHERE node = $5 AND status IN ('pending', 'outdated') AND run_after <= now()
+             ORDER BY run_after, id
+             LIMIT $3
+             FOR UPDATE SKIP LOCKED),
+         u AS (
+             UPDATE pack_environment_node n
+             SET status = 'installing', claimed_by = $1, claim_token = gen_random_uuid(),
+                 lease_expires_at = now() + make_interval(secs => $2),
+                 attempts = n.attempts + 1, updated = now(),
+                 env_path = CASE
+                     WHEN r.installers->'requires_environment' = 'false'::jsonb THEN NULL
+                     WHEN n.env_path IS NOT NULL THEN n.env_path
+                     WHEN pe.env_path IS NOT NULL AND NOT pe.env_path_by_packenvd THEN pe.env_path
+                     ELSE $4 || '/' || p.ref || '/' || lower(r.name) END
+             FROM c, pack_environment pe, pack p, runtime r
+             WHERE n.id = c.id AND pe.id = n.env_id AND p.id = pe.pack AND r.id = pe.runtime
+             RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status, c.old_required,
+                 pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, n.env_path, p.storage_path,
+                 r.installers::text AS installers, n.fingerprint, n.metadata::text AS metadata,
+                 n.claim_token, n.claimed_by, n.lease_expires_at, n.attempts, n.skip_if_current,
+                 extract(epoch FROM clock_timestamp() - c.claimable_since)::float8 AS pickup_secs,
+                 CASE
+                   WHEN pe.pack_ref IS DISTINCT FROM p.ref THEN format(
+                     'the row''s pack_ref %L is not the ref %L of its pack (id %s)',
+                     pe.pack_ref, p.ref, p.id)
+                   WHEN pe.runtime_ref IS DISTINCT FROM r.ref THEN format(
+                     'the row''s runtime_ref %L is not the ref %L of its runtime (id %s)',
+                     pe.runtime_ref, r.ref, r.id)
+                   ELSE (SELECT format(
+                     'runtime %s and runtime %s of pack %s would share the directory %L (their names differ only in case); rename one of them',
+                     r.ref, ro.ref, p.ref, lower(r.name))
+                     FROM pack_environment o JOIN runtime ro ON ro.id = o.runtime
+                     WHERE o.pack = pe.pack AND o.id < pe.id AND lower(ro.name) = lower(r.name)
+                       AND r.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
+                       AND ro.installers->'requires_environment' IS DISTINCT FROM 'false'::jsonb
+                     LIMIT 1)
+                 END AS problem),
+         {p}
+         SELECT id, env_id, pack_ref, runtime_ref, runtime_name, env_path, storage_path,
+                installers, fingerprint, metadata, claim_token, attempts, skip_if_current,
+                pickup_secs, NULL::timestamptz AS checked_at, problem,
+                NULL::timestamptz AS previous_verified, NULL::text AS previous_result
+         FROM u",
+        p = parents_cte(
+            ", claimed_by = u.claimed_by, claim_token = u.claim_token,
+             lease_expires_at = u.lease_expires_at, attempts = u.attempts,
+             env_path = CASE WHEN pe.env_path IS NULL OR pe.env_path_by_packenvd
+                             THEN u.env_path ELSE pe.env_path END,
+             env_path_by_packenvd = (pe.env_path IS NULL OR pe.env_path_by_packenvd)
+                                    AND u.env_path IS NOT NULL"
+        )
+    )
+});
 
-/// Claims up to `limit` claimable rows for `instance` with a lease of `lease`.
+/// Claims up to `limit` claimable rows of `node` for `instance` with a lease of `lease`.
 pub async fn claim(
     pool: &PgPool,
+    node: &str,
     instance: &str,
     lease: Duration,
     limit: i64,
     envs_root: &std::path::Path,
 ) -> Result<Vec<Claim>, sqlx::Error> {
-    let rows: Vec<EnvRow> = sqlx::query_as(CLAIM_SQL)
+    let rows: Vec<EnvRow> = sqlx::query_as(CLAIM_SQL.as_str())
         .bind(instance)
         .bind(lease.as_secs_f64())
         .bind(limit)
         .bind(envs_root.display().to_string())
+        .bind(node)
         .fetch_all(pool)
         .await?;
     // The claim sets a token on every row it returns.
@@ -85,14 +113,18 @@ pub async fn claim(
 /// Renews the leases of the given claims in one statement; returns the tokens still ours.
 pub async fn heartbeat(
     pool: &PgPool,
-    tokens: &[Uuid],
+    fences: &[Fence],
     lease: Duration,
 ) -> Result<Vec<Uuid>, sqlx::Error> {
+    let ids: Vec<i64> = fences.iter().map(|f| f.id).collect();
+    let tokens: Vec<Uuid> = fences.iter().map(|f| f.token).collect();
     sqlx::query_scalar(
-        "UPDATE pack_environment SET lease_expires_at = now() + make_interval(secs => $2)
-         WHERE claim_token = ANY($1) AND status = 'installing'
-         RETURNING claim_token",
+        "UPDATE pack_environment_node n SET lease_expires_at = now() + make_interval(secs => $3)
+         FROM unnest($1::int8[], $2::uuid[]) AS h(id, token)
+         WHERE n.id = h.id AND n.claim_token = h.token AND n.status = 'installing'
+         RETURNING n.claim_token",
     )
+    .bind(ids)
     .bind(tokens)
     .bind(lease.as_secs_f64())
     .fetch_all(pool)
@@ -106,10 +138,10 @@ pub async fn flush_logs(pool: &PgPool, logs: &[(Fence, String)]) -> Result<Vec<i
     let tokens: Vec<Uuid> = logs.iter().map(|(f, _)| f.token).collect();
     let texts: Vec<&str> = logs.iter().map(|(_, l)| l.as_str()).collect();
     sqlx::query_scalar(
-        "UPDATE pack_environment pe SET install_log = u.log
-         FROM unnest($1::int8[], $2::uuid[], $3::text[]) AS u(id, token, log)
-         WHERE pe.id = u.id AND pe.claim_token = u.token
-         RETURNING pe.id",
+        "UPDATE pack_environment_node n SET install_log = x.log
+         FROM unnest($1::int8[], $2::uuid[], $3::text[]) AS x(id, token, log)
+         WHERE n.id = x.id AND n.claim_token = x.token
+         RETURNING n.id",
     )
     .bind(ids)
     .bind(tokens)
@@ -176,26 +208,57 @@ async fn write_ready<'a>(
             fingerprints.push(fingerprint.clone());
         }
     }
-    sqlx::query_scalar(
-        "UPDATE pack_environment pe
-         SET status = 'ready', env_path = u.env_path, install_log = u.log,
-             metadata = u.metadata::jsonb, fingerprint = u.fingerprint,
-             install_error = NULL, installed_at = now(), last_verified = now(), skip_if_current = false,
-             claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
-         FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-              AS u(id, token, env_path, log, metadata, fingerprint)
-         WHERE pe.id = u.id AND pe.claim_token = u.token
-         RETURNING pe.id",
-    )
-    .bind(ids)
-    .bind(tokens)
-    .bind(paths)
-    .bind(logs)
-    .bind(metadata)
-    .bind(fingerprints)
-    .fetch_all(&mut *conn)
-    .await
+    sqlx::query_scalar(WRITE_READY_SQL.as_str())
+        .bind(ids)
+        .bind(tokens)
+        .bind(paths)
+        .bind(logs)
+        .bind(metadata)
+        .bind(fingerprints)
+        .fetch_all(&mut *conn)
+        .await
 }
+
+/// `ready`, for many builds at once, each fenced by its own token. A catch-up row becomes
+/// required once ready: from now on the parent counts it.
+static WRITE_READY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH c AS MATERIALIZED (
+             SELECT n.id, n.status AS old_status, n.required AS old_required,
+                    x.env_path, x.log, x.metadata, x.fingerprint
+             FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
+                  AS x(id, token, env_path, log, metadata, fingerprint)
+             JOIN pack_environment_node n ON n.id = x.id AND n.claim_token = x.token
+             FOR UPDATE OF n),
+         u AS (
+             UPDATE pack_environment_node n
+             SET status = 'ready', required = true, built_generation = n.generation,
+                 env_path = c.env_path, install_log = c.log, metadata = c.metadata::jsonb,
+                 fingerprint = c.fingerprint, install_error = NULL, installed_at = now(),
+                 last_verified = now(), last_verify_result = NULL, skip_if_current = false,
+                 claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated = now()
+             FROM c WHERE n.id = c.id
+             RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status,
+                       c.old_required, n.env_path, n.install_log, n.metadata, n.fingerprint,
+                       n.install_error, n.installed_at, n.last_verified, n.attempts),
+         {p}
+         SELECT id FROM u",
+        p = parents_cte(&format!(
+            "{MIRROR_DONE}, install_log = u.install_log, metadata = u.metadata,
+             fingerprint = u.fingerprint, install_error = NULL, installed_at = u.installed_at,
+             last_verified = u.last_verified, last_verify_result = NULL,
+             skip_if_current = false"
+        ))
+    )
+});
+
+/// What every finished build mirrors to its parent: the claim is over, and where the build is.
+const MIRROR_DONE: &str = ", claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
+     attempts = u.attempts,
+     env_path = CASE WHEN pe.env_path IS NULL OR pe.env_path_by_packenvd
+                     THEN coalesce(u.env_path, pe.env_path) ELSE pe.env_path END,
+     env_path_by_packenvd = (pe.env_path IS NULL OR pe.env_path_by_packenvd)
+                            AND coalesce(u.env_path, pe.env_path) IS NOT NULL";
 
 /// Every outcome but `Ready`, one row.
 async fn write_other(
@@ -205,49 +268,90 @@ async fn write_other(
 ) -> Result<bool, sqlx::Error> {
     let q = match t {
         Transition::Ready { .. } => unreachable!("written by write_ready"),
-        Transition::Unchanged { log } => sqlx::query(
-            "UPDATE pack_environment
-             SET status = 'ready', install_log = $3, install_error = NULL, last_verified = now(),
-                 skip_if_current = false, claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
-             WHERE id = $1 AND claim_token = $2",
-        )
-        .bind(fence.id)
-        .bind(fence.token)
-        .bind(log),
-        Transition::Retry { after, error, log } => sqlx::query(
-            "UPDATE pack_environment
-             SET status = 'pending', run_after = now() + make_interval(secs => $5),
-                 install_error = $3, install_log = $4,
-                 claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
-             WHERE id = $1 AND claim_token = $2",
-        )
-        .bind(fence.id)
-        .bind(fence.token)
-        .bind(error)
-        .bind(log)
-        .bind(after.as_secs_f64()),
-        Transition::Failed { error, log } => sqlx::query(
-            "UPDATE pack_environment
-             SET status = 'failed', install_error = $3, install_log = $4,
-                 claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
-             WHERE id = $1 AND claim_token = $2",
-        )
-        .bind(fence.id)
-        .bind(fence.token)
-        .bind(error)
-        .bind(log),
-        Transition::Released { log } => sqlx::query(
-            "UPDATE pack_environment
-             SET status = 'pending', attempts = greatest(attempts - 1, 0), run_after = now(),
-                 install_log = $3, claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
-             WHERE id = $1 AND claim_token = $2",
-        )
-        .bind(fence.id)
-        .bind(fence.token)
-        .bind(log),
+        Transition::Unchanged { log } => sqlx::query_scalar(UNCHANGED_SQL.as_str())
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(log),
+        Transition::Retry { after, error, log } => sqlx::query_scalar(RETRY_SQL.as_str())
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(error)
+            .bind(log)
+            .bind(after.as_secs_f64()),
+        Transition::Failed { error, log } => sqlx::query_scalar(FAILED_SQL.as_str())
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(error)
+            .bind(log),
+        Transition::Released { log } => sqlx::query_scalar(RELEASED_SQL.as_str())
+            .bind(fence.id)
+            .bind(fence.token)
+            .bind(log),
     };
-    Ok(q.execute(&mut *conn).await?.rows_affected() == 1)
+    let written: i64 = q.fetch_one(&mut *conn).await?;
+    Ok(written == 1)
 }
+
+/// One node row's write-back, fenced by `$1` (id) and `$2` (claim token): `set` on the node
+/// row, `mirror` on its parent, the parent's counts moved.
+fn finish_one_sql(set: &str, mirror: &str) -> String {
+    format!(
+        "WITH c AS MATERIALIZED (
+             SELECT id, status AS old_status, required AS old_required
+             FROM pack_environment_node WHERE id = $1 AND claim_token = $2 FOR UPDATE),
+         u AS (
+             UPDATE pack_environment_node n
+             SET {set}, claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
+                 updated = now()
+             FROM c WHERE n.id = c.id
+             RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status,
+                       c.old_required, n.env_path, n.install_log, n.install_error, n.attempts,
+                       n.run_after, n.last_verified),
+         {p}
+         SELECT count(*) FROM u",
+        p = parents_cte(&format!("{MIRROR_DONE}{mirror}"))
+    )
+}
+
+/// A request answered by the current build.
+static UNCHANGED_SQL: LazyLock<String> = LazyLock::new(|| {
+    finish_one_sql(
+        "status = 'ready', required = true, built_generation = n.generation,
+         install_log = $3, install_error = NULL, last_verified = now(),
+         last_verify_result = NULL, skip_if_current = false",
+        ", install_log = u.install_log, install_error = NULL, last_verified = u.last_verified,
+         last_verify_result = NULL, skip_if_current = false",
+    )
+});
+
+/// A retryable failure with attempts left: pending again after `$5` seconds.
+static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
+    finish_one_sql(
+        "status = 'pending', run_after = now() + make_interval(secs => $5),
+         install_error = $3, install_log = $4",
+        &format!(
+            ", run_after = u.run_after, install_error = {MIRROR_ERROR},
+             install_log = u.install_log"
+        ),
+    )
+});
+
+/// A permanent failure, or the last attempt.
+static FAILED_SQL: LazyLock<String> = LazyLock::new(|| {
+    finish_one_sql(
+        "status = 'failed', install_error = $3, install_log = $4",
+        &format!(", install_error = {MIRROR_ERROR}, install_log = u.install_log"),
+    )
+});
+
+/// Handed back by shutdown: pending at once, the attempt not counted.
+static RELEASED_SQL: LazyLock<String> = LazyLock::new(|| {
+    finish_one_sql(
+        "status = 'pending', attempts = greatest(n.attempts - 1, 0), run_after = now(),
+         install_log = $3",
+        ", run_after = u.run_after, install_log = u.install_log",
+    )
+});
 
 /// Opens a transaction and locks the rows whose claims are still held; returns it and the
 /// fences that hold. Until it ends, a reset of those rows waits: what is done on disk inside it
@@ -260,11 +364,11 @@ pub async fn lock_fenced(
     let ids: Vec<i64> = fences.iter().map(|f| f.id).collect();
     let tokens: Vec<Uuid> = fences.iter().map(|f| f.token).collect();
     let held: Vec<(i64, Uuid)> = sqlx::query_as(
-        "SELECT pe.id, pe.claim_token FROM pack_environment pe
-         JOIN unnest($1::int8[], $2::uuid[]) AS u(id, token)
-           ON pe.id = u.id AND pe.claim_token = u.token
-         ORDER BY pe.id
-         FOR UPDATE OF pe",
+        "SELECT n.id, n.claim_token FROM pack_environment_node n
+         JOIN unnest($1::int8[], $2::uuid[]) AS x(id, token)
+           ON n.id = x.id AND n.claim_token = x.token
+         ORDER BY n.id
+         FOR UPDATE OF n",
     )
     .bind(ids)
     .bind(tokens)
@@ -279,49 +383,81 @@ pub async fn lock_fenced(
     Ok((tx, fences))
 }
 
-/// Sends `installing` rows whose lease expired back to `pending`, or to `failed` when their
-/// attempts are spent. Status and lease are checked again under the row lock, so a build that
-/// finished a moment earlier is never overwritten. Returns how many rows were rescued.
-pub async fn rescue_expired(pool: &PgPool, max_attempts: u32) -> Result<u64, sqlx::Error> {
-    rescue(pool, max_attempts, None).await
+/// Sends `installing` rows of `node` whose lease expired back to `pending`, or to `failed`
+/// when their attempts are spent. Status and lease are checked again under the row lock, so a
+/// build that finished a moment earlier is never overwritten. Returns how many rows were
+/// rescued.
+pub async fn rescue_expired(
+    pool: &PgPool,
+    node: &str,
+    max_attempts: u32,
+) -> Result<u64, sqlx::Error> {
+    rescue(pool, node, max_attempts, None).await
 }
 
-/// The rows whose lease expired, for rescuing them one by one when the database refuses to
-/// rescue them together (a constraint or trigger that refuses one of them).
-pub async fn expired_leases(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
+/// The rows of `node` whose lease expired, for rescuing them one by one when the database
+/// refuses to rescue them together (a constraint or trigger that refuses one of them).
+pub async fn expired_leases(pool: &PgPool, node: &str) -> Result<Vec<i64>, sqlx::Error> {
     sqlx::query_scalar(
-        "SELECT id FROM pack_environment WHERE status = 'installing' AND lease_expires_at < now()
+        "SELECT id FROM pack_environment_node
+         WHERE node = $1 AND status = 'installing' AND lease_expires_at < now()
          ORDER BY id LIMIT 1000",
     )
+    .bind(node)
     .fetch_all(pool)
     .await
 }
 
 /// [`rescue_expired`] for one row.
-pub async fn rescue_row(pool: &PgPool, max_attempts: u32, id: i64) -> Result<u64, sqlx::Error> {
-    rescue(pool, max_attempts, Some(id)).await
+pub async fn rescue_row(
+    pool: &PgPool,
+    node: &str,
+    max_attempts: u32,
+    id: i64,
+) -> Result<u64, sqlx::Error> {
+    rescue(pool, node, max_attempts, Some(id)).await
 }
 
-async fn rescue(pool: &PgPool, max_attempts: u32, only: Option<i64>) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(
+static RESCUE_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
         "WITH c AS MATERIALIZED (
-             SELECT id FROM pack_environment
-             WHERE status = 'installing' AND lease_expires_at < now()
+             SELECT id, status AS old_status, required AS old_required
+             FROM pack_environment_node
+             WHERE node = $3 AND status = 'installing' AND lease_expires_at < now()
                AND ($2::int8 IS NULL OR id = $2)
-             FOR UPDATE SKIP LOCKED)
-         UPDATE pack_environment pe
-         SET status = CASE WHEN pe.attempts >= $1 THEN 'failed' ELSE 'pending' END::pack_environment_status_enum,
-             install_error = 'the build by ' || coalesce(pe.claimed_by, '?')
-                 || ' stopped renewing its lease (daemon killed or cut off) on attempt '
-                 || pe.attempts
-                 || CASE WHEN pe.attempts >= $1 THEN '; no attempts left' ELSE '; it will be retried' END,
-             run_after = now(), claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL
-         FROM c
-         WHERE pe.id = c.id AND pe.status = 'installing' AND pe.lease_expires_at < now()",
+             FOR UPDATE SKIP LOCKED),
+         u AS (
+             UPDATE pack_environment_node n
+             SET status = CASE WHEN n.attempts >= $1 THEN 'failed' ELSE 'pending' END::pack_environment_status_enum,
+                 install_error = 'the build by ' || coalesce(n.claimed_by, '?')
+                     || ' stopped renewing its lease (daemon killed or cut off) on attempt '
+                     || n.attempts
+                     || CASE WHEN n.attempts >= $1 THEN '; no attempts left' ELSE '; it will be retried' END,
+                 run_after = now(), claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
+                 updated = now()
+             FROM c
+             WHERE n.id = c.id AND n.status = 'installing' AND n.lease_expires_at < now()
+             RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status,
+                       c.old_required, n.env_path, n.install_error, n.attempts, n.run_after),
+         {p}
+         SELECT count(*) FROM u",
+        p = parents_cte(&format!(
+            "{MIRROR_DONE}, run_after = u.run_after, install_error = {MIRROR_ERROR}"
+        ))
     )
-    .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
-    .bind(only)
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected())
+});
+
+async fn rescue(
+    pool: &PgPool,
+    node: &str,
+    max_attempts: u32,
+    only: Option<i64>,
+) -> Result<u64, sqlx::Error> {
+    let n: i64 = sqlx::query_scalar(RESCUE_SQL.as_str())
+        .bind(i32::try_from(max_attempts).unwrap_or(i32::MAX))
+        .bind(only)
+        .bind(node)
+        .fetch_one(pool)
+        .await?;
+    Ok(n as u64)
 }

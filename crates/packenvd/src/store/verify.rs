@@ -1,10 +1,12 @@
 //! The verifier's statements: take stale ready rows, record what the checks found.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
+use super::summary::{parents_cte, MIRROR_ERROR};
 use super::EnvRow;
 
 /// The cut-off of a verification pass: rows last verified before it are taken. `max_age` None
@@ -19,10 +21,12 @@ pub async fn verify_cutoff(
         .await
 }
 
-/// Takes up to `limit` ready rows last verified before `cutoff` (or never), marking them
-/// verified now, in one statement with SKIP LOCKED: each row is checked by one instance only.
+/// Takes up to `limit` ready rows of `node` last verified before `cutoff` (or never), marking
+/// them verified now, in one statement with SKIP LOCKED: each row is checked by one instance
+/// only. Reads `pack_environment_node_verify_idx`, which leads with the node.
 pub async fn claim_verification(
     pool: &PgPool,
+    node: &str,
     cutoff: DateTime<Utc>,
     pack_ref: Option<&str>,
     runtime_ref: Option<&str>,
@@ -31,22 +35,26 @@ pub async fn claim_verification(
 ) -> Result<Vec<EnvRow>, sqlx::Error> {
     sqlx::query_as(
         "WITH c AS MATERIALIZED (
-             SELECT id, last_verified AS previous_verified, last_verify_result AS previous_result
-             FROM pack_environment
-             WHERE status = 'ready' AND (last_verified IS NULL OR last_verified < $1)
-               AND ($2::text IS NULL OR pack_ref = $2) AND ($3::text IS NULL OR runtime_ref = $3)
-             ORDER BY last_verified NULLS FIRST, id
+             SELECT n.id, n.last_verified AS previous_verified,
+                    n.last_verify_result AS previous_result
+             FROM pack_environment_node n
+             WHERE n.node = $6 AND n.status = 'ready'
+               AND (n.last_verified IS NULL OR n.last_verified < $1)
+               AND ($2::text IS NULL OR EXISTS (
+                     SELECT 1 FROM pack_environment pe WHERE pe.id = n.env_id
+                       AND pe.pack_ref = $2 AND ($3::text IS NULL OR pe.runtime_ref = $3)))
+             ORDER BY n.last_verified NULLS FIRST, n.id
              LIMIT $4
-             FOR UPDATE SKIP LOCKED)
-         UPDATE pack_environment pe
+             FOR UPDATE OF n SKIP LOCKED)
+         UPDATE pack_environment_node n
          SET last_verified = now(), last_verify_result = 'being checked by ' || $5
-         FROM c, pack p, runtime r
-         WHERE pe.id = c.id AND p.id = pe.pack AND r.id = pe.runtime
-         RETURNING pe.id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, pe.env_path,
-                   p.storage_path, r.installers::text AS installers, pe.fingerprint,
-                   pe.metadata::text AS metadata, NULL::uuid AS claim_token, pe.attempts,
+         FROM c, pack_environment pe, pack p, runtime r
+         WHERE n.id = c.id AND pe.id = n.env_id AND p.id = pe.pack AND r.id = pe.runtime
+         RETURNING n.id, n.env_id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name,
+                   n.env_path, p.storage_path, r.installers::text AS installers, n.fingerprint,
+                   n.metadata::text AS metadata, NULL::uuid AS claim_token, n.attempts,
                    false AS skip_if_current, 0::float8 AS pickup_secs,
-                   pe.last_verified AS checked_at, NULL::text AS problem,
+                   n.last_verified AS checked_at, NULL::text AS problem,
                    c.previous_verified, c.previous_result",
     )
     .bind(cutoff)
@@ -54,6 +62,7 @@ pub async fn claim_verification(
     .bind(runtime_ref)
     .bind(limit)
     .bind(instance)
+    .bind(node)
     .fetch_all(pool)
     .await
 }
@@ -67,11 +76,11 @@ pub async fn release_verification(pool: &PgPool, rows: &[&EnvRow]) -> Result<u64
     let previous: Vec<Option<DateTime<Utc>>> = rows.iter().map(|r| r.previous_verified).collect();
     let results: Vec<Option<String>> = rows.iter().map(|r| r.previous_result.clone()).collect();
     let r = sqlx::query(
-        "UPDATE pack_environment pe
-         SET last_verified = u.previous, last_verify_result = u.result
+        "UPDATE pack_environment_node n
+         SET last_verified = x.previous, last_verify_result = x.result
          FROM unnest($1::int8[], $2::timestamptz[], $3::timestamptz[], $4::text[])
-              AS u(id, checked, previous, result)
-         WHERE pe.id = u.id AND pe.last_verified = u.checked",
+              AS x(id, checked, previous, result)
+         WHERE n.id = x.id AND n.last_verified = x.checked",
     )
     .bind(ids)
     .bind(checked)
@@ -85,25 +94,46 @@ pub async fn release_verification(pool: &PgPool, rows: &[&EnvRow]) -> Result<u64
 /// Records a verification. A failure sends the row to `outdated` with the reason, which
 /// rebuilds it from scratch while the old build stays served. Written only if the row is still
 /// the ready row that was checked (`checked_at` is the `last_verified` the claim set); false
-/// otherwise.
+/// otherwise. The parent's summary and its single-host mirror move in the same statement.
 pub async fn finish_verification(
     pool: &PgPool,
     id: i64,
     checked_at: DateTime<Utc>,
     failure: Option<&str>,
 ) -> Result<bool, sqlx::Error> {
-    let r = sqlx::query(
-        "UPDATE pack_environment
-         SET last_verify_result = coalesce($3, 'ok'),
-             status = CASE WHEN $3 IS NULL THEN status ELSE 'outdated' END,
-             install_error = CASE WHEN $3 IS NULL THEN install_error
-                                  ELSE 'verification failed: ' || $3 END
-         WHERE id = $1 AND status = 'ready' AND last_verified = $2",
-    )
-    .bind(id)
-    .bind(checked_at)
-    .bind(failure)
-    .execute(pool)
-    .await?;
-    Ok(r.rows_affected() == 1)
+    let n: i64 = sqlx::query_scalar(FINISH_VERIFICATION_SQL.as_str())
+        .bind(id)
+        .bind(checked_at)
+        .bind(failure)
+        .fetch_one(pool)
+        .await?;
+    Ok(n == 1)
 }
+
+static FINISH_VERIFICATION_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH c AS MATERIALIZED (
+             SELECT id, status AS old_status, required AS old_required
+             FROM pack_environment_node
+             WHERE id = $1 AND status = 'ready' AND last_verified = $2
+             FOR UPDATE),
+         u AS (
+             UPDATE pack_environment_node n
+             SET last_verify_result = coalesce($3, 'ok'),
+                 status = CASE WHEN $3 IS NULL THEN n.status ELSE 'outdated' END,
+                 skip_if_current = CASE WHEN $3 IS NULL THEN n.skip_if_current ELSE false END,
+                 install_error = CASE WHEN $3 IS NULL THEN n.install_error
+                                      ELSE 'verification failed: ' || $3 END,
+                 updated = now()
+             FROM c WHERE n.id = c.id
+             RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status,
+                       c.old_required, n.install_error, n.last_verified, n.last_verify_result),
+         {p}
+         SELECT count(*) FROM u",
+        p = parents_cte(&format!(
+            ", last_verified = u.last_verified, last_verify_result = u.last_verify_result,
+             install_error = CASE WHEN u.status = 'outdated' THEN {MIRROR_ERROR}
+                                  ELSE pe.install_error END"
+        ))
+    )
+});

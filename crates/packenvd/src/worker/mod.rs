@@ -78,6 +78,10 @@ struct Shared {
     ready_tx: mpsc::UnboundedSender<ReadyJob>,
     /// The root of every cancellation (see [`Shutdown`]).
     root: CancellationToken,
+    /// What the host can build, found out once (`packenvd_node.runtimes` and `tools`).
+    detected: tokio::sync::OnceCell<(serde_json::Value, serde_json::Value)>,
+    /// The active protections, for the node registry.
+    protections: std::sync::Mutex<Vec<String>>,
 }
 
 impl Worker {
@@ -104,6 +108,8 @@ impl Worker {
                 notifier: Arc::default(),
                 ready_tx,
                 root,
+                detected: tokio::sync::OnceCell::new(),
+                protections: std::sync::Mutex::default(),
             }),
         }
     }
@@ -147,6 +153,34 @@ impl Worker {
         self.shared.inflight.clone()
     }
 
+    /// Starts this node: claims the envs root, registers what the host can build, adopts and
+    /// catches up, checks the disk (DESIGN §8). What the host can build is found out once per
+    /// worker.
+    pub async fn start_node(&self) -> Result<crate::node::Started, Error> {
+        let cfg = self.cfg();
+        let detected = self
+            .shared
+            .detected
+            .get_or_try_init(|| crate::node::detect(&self.shared.pool, &cfg))
+            .await?;
+        let protections = self
+            .shared
+            .protections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        crate::node::start(&self.shared.pool, &cfg, detected, &protections).await
+    }
+
+    /// What protects the host, as the node registry reports it (the daemon's start-up check).
+    pub fn set_protections(&self, active: Vec<String>) {
+        *self
+            .shared
+            .protections
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = active;
+    }
+
     /// One turn: reaps finished builds, claims as many rows as there are free slots, and
     /// starts a build for each.
     pub async fn step(&self, builds: &mut JoinSet<()>) -> Result<Step, Error> {
@@ -158,6 +192,7 @@ impl Worker {
         }
         let claims = store::claim(
             &self.shared.pool,
+            &cfg.node_name,
             &cfg.instance_name,
             cfg.lease,
             free as i64,
@@ -187,6 +222,7 @@ impl Worker {
     /// Claims and builds until nothing is claimable and no build runs; returns how many builds
     /// ran. The deterministic entry point for tests: no listener, no timers, no services.
     pub async fn drain(&self) -> Result<usize, Error> {
+        self.start_node().await?;
         let mut builds = JoinSet::new();
         let mut total = 0;
         loop {
@@ -214,23 +250,43 @@ impl Worker {
             .listen(store::WAKEUP_CHANNEL)
             .await
             .map_err(Error::db("listening for wake-ups"))?;
+        // The database may go away during the start as at any other time: wait for it, as
+        // the claim loop does. What is wrong on this host (its envs root, its name) stops it.
+        let mut delay = Duration::from_millis(200);
+        let started = loop {
+            match self.start_node().await {
+                Ok(started) => break started,
+                Err(Error::Db { what, source }) if store::is_transient(&source) => {
+                    tracing::warn!(error = %source, what, retry_in = ?delay, "cannot start the node; database unreachable?");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = shutdown.stop.cancelled() => return Ok(()),
+                    }
+                    delay = (delay * 2).min(MAX_DB_RETRY_DELAY);
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        let cfg = self.cfg();
+        if started != crate::node::Started::default() {
+            tracing::info!(node = %cfg.node_name, adopted = started.adopted, caught_up = started.caught_up, missing_on_disk = started.missing, "node started");
+        }
         let services = TaskTracker::new();
         self.start_services(&services, &shutdown.root);
         let mut builds = JoinSet::new();
         let mut db_delay = Duration::from_millis(200);
-        let cfg = self.cfg();
-        tracing::info!(instance = %cfg.instance_name, concurrency = cfg.concurrency, "packenvd started");
+        tracing::info!(instance = %cfg.instance_name, node = %cfg.node_name, concurrency = cfg.concurrency, "packenvd started");
         let (health, notifier) = (&self.shared.health, &self.shared.notifier);
         health.db_answered();
         notifier.ready(&format!(
             "connected; up to {} builds at once",
             cfg.concurrency
         ));
-        loop {
+        'daemon: loop {
             health.loop_turned();
             notifier.watchdog();
             let step = tokio::select! {
-                () = shutdown.stop.cancelled() => break,
+                () = shutdown.stop.cancelled() => break 'daemon,
                 step = self.step(&mut builds) => step,
             };
             match step {
@@ -252,19 +308,33 @@ impl Worker {
             }
             if until_done
                 && builds.is_empty()
-                && store::work_left(pool).await.is_ok_and(|left| !left)
+                && store::work_left(pool, &cfg.node_name)
+                    .await
+                    .is_ok_and(|left| !left)
             {
                 break;
             }
-            tokio::select! {
-                () = shutdown.stop.cancelled() => break,
-                Some(_) = builds.join_next(), if !builds.is_empty() => {}
-                n = listener.recv() => if let Err(e) = n {
-                    // The listener reconnects on its next recv; until then the poll covers.
-                    tracing::warn!(error = %chain(&e), "lost the NOTIFY connection");
-                    tokio::time::sleep(db_delay).await;
-                },
-                () = tokio::time::sleep(self.cfg().poll_interval) => {}
+            let poll = tokio::time::sleep(self.cfg().poll_interval);
+            tokio::pin!(poll);
+            // Wait for something that may have made work: a build ending, a wake-up for this
+            // node (other nodes' wake-ups are ignored), or the poll.
+            loop {
+                tokio::select! {
+                    () = shutdown.stop.cancelled() => break 'daemon,
+                    Some(_) = builds.join_next(), if !builds.is_empty() => break,
+                    n = listener.recv() => match n {
+                        Ok(n) if n.payload() != cfg.node_name && !n.payload().is_empty() => {}
+                        Ok(_) => break,
+                        Err(e) => {
+                            // The listener reconnects on its next recv; until then the poll
+                            // covers.
+                            tracing::warn!(error = %chain(&e), "lost the NOTIFY connection");
+                            tokio::time::sleep(db_delay).await;
+                            break;
+                        }
+                    },
+                    () = &mut poll => break,
+                }
             }
         }
         notifier.stopping(&format!("stopping: {} build(s) finishing", builds.len()));
@@ -292,6 +362,7 @@ impl Worker {
                 pool: s.pool.clone(),
                 config: services::heartbeat::HeartbeatConfig {
                     lease: self.cfg().lease,
+                    node: self.cfg().node_name.clone(),
                 },
                 inflight: s.inflight.clone(),
                 metrics: s.metrics.clone(),
@@ -327,6 +398,7 @@ impl Worker {
             tracker.spawn(run_every(
                 StatusLine {
                     pool: s.pool.clone(),
+                    node: self.cfg().node_name.clone(),
                     inflight: s.inflight.clone(),
                     notifier: s.notifier.clone(),
                 },
@@ -368,7 +440,7 @@ impl Worker {
     /// One build, from claim to write-back.
     async fn build(self, claim: Claim, cancel: CancellationToken, log: BuildLog) {
         let row = &claim.row;
-        let span = tracing::info_span!("build", pack_ref = %row.pack_ref, runtime_ref = %row.runtime_ref, env_id = row.id, claim_token = %claim.fence.token);
+        let span = tracing::info_span!("build", pack_ref = %row.pack_ref, runtime_ref = %row.runtime_ref, env_id = row.env_id, claim_token = %claim.fence.token);
         async {
             tracing::info!(attempt = row.attempts, "installing");
             let settings = self.cfg();

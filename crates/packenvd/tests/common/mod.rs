@@ -155,7 +155,8 @@ pub fn wheel_requirements(dir: &Path) -> String {
     )
 }
 
-/// Every file and directory under `dir`, relative, sorted.
+/// Every file and directory under `dir`, relative, sorted; the envs root's own marker
+/// (written when a node starts) is left out.
 pub fn tree(dir: &Path) -> Vec<String> {
     fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
         let Ok(entries) = std::fs::read_dir(dir) else {
@@ -171,6 +172,7 @@ pub fn tree(dir: &Path) -> Vec<String> {
     }
     let mut out = Vec::new();
     walk(dir, dir, &mut out);
+    out.retain(|p| p != packenv_core::layout::ROOT_MARKER);
     out.sort();
     out
 }
@@ -191,6 +193,37 @@ pub fn database_url(pool: &PgPool) -> String {
         .find('?')
         .map_or(base.len(), |i| path_start + i);
     format!("{}/{}{}", &base[..path_start], db, &base[path_end..])
+}
+
+/// The node the tests' workers and daemons are (the default node_name: the host name).
+pub fn node_name() -> String {
+    nix::unistd::gethostname()
+        .expect("hostname")
+        .into_string()
+        .expect("a UTF-8 host name")
+}
+
+/// Registers the tests' node with envs root `root`, as a daemon's start would (adopting and
+/// catching up), for tests that call the store directly, without a worker.
+pub async fn register_node(pool: &PgPool, root: &str) {
+    let info = packenvd::store::NodeInfo {
+        name: node_name(),
+        envs_root: root.into(),
+        version: "test".into(),
+        runtimes: serde_json::json!({}),
+        tools: serde_json::json!({}),
+        protections: serde_json::json!([]),
+        ttl: std::time::Duration::from_secs(600),
+    };
+    packenvd::store::register_node(pool, &info)
+        .await
+        .expect("register");
+    packenvd::store::adopt(pool, &info.name, root)
+        .await
+        .expect("adopt");
+    packenvd::store::catch_up(pool, &info.name)
+        .await
+        .expect("catch up");
 }
 
 /// Whether the tests run as root: tests that run the daemon as another user need it.

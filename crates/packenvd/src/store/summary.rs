@@ -1,0 +1,49 @@
+//! The summary side of every statement that changes node rows (DESIGN §8): the parent's counts
+//! of required node rows by status change by the difference the statement made, in the same
+//! statement, so the summary costs O(1) per node write, never a recount of the parent's node
+//! rows. The parent's trigger derives its status from the counts when `summary_seq` moves.
+//!
+//! A statement that uses it has a CTE `u` returning, per changed node row: `env_id`, `node`,
+//! `status`, `required`, `old_status`, `old_required` (NULL for a row it inserted), and the
+//! columns its mirror reads. One statement changes at most one node row per parent (a daemon
+//! writes only its own node's rows), which is what `UPDATE ... FROM u` needs.
+
+/// `+1`/`-1`/`0`: how a changed row moves the count of `status`.
+fn delta(status: &str) -> String {
+    format!(
+        "((u.required AND u.status = '{status}')::int \
+          - (coalesce(u.old_required, false) AND u.old_status = '{status}')::int)"
+    )
+}
+
+/// The CTE `p` that applies `u`'s changes to the parents, with `mirror` (`, col = expr, ...`)
+/// copying what the platform reads on a single host from the node row to its parent.
+pub(super) fn parents_cte(mirror: &str) -> String {
+    format!(
+        "p AS (
+           UPDATE pack_environment pe SET
+             nodes_pending = pe.nodes_pending + {p},
+             nodes_installing = pe.nodes_installing + {i},
+             nodes_ready = pe.nodes_ready + {r},
+             nodes_failed = pe.nodes_failed + {f},
+             nodes_outdated = pe.nodes_outdated + {o},
+             summary_seq = pe.summary_seq + 1,
+             last_node = u.node {mirror}
+           FROM u WHERE pe.id = u.env_id
+           RETURNING pe.id)",
+        p = delta("pending"),
+        i = delta("installing"),
+        r = delta("ready"),
+        f = delta("failed"),
+        o = delta("outdated"),
+    )
+}
+
+/// The parent's error from a node's: prefixed with the node's name where more than one node
+/// counts for the parent, so a failure names its node.
+pub(super) const MIRROR_ERROR: &str = "CASE
+      WHEN u.install_error IS NOT NULL
+           AND pe.nodes_pending + pe.nodes_installing + pe.nodes_ready + pe.nodes_failed
+               + pe.nodes_outdated > 1
+      THEN 'node ' || u.node || ': ' || u.install_error
+      ELSE u.install_error END";
