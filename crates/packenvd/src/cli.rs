@@ -164,6 +164,15 @@ pub async fn status(
         println!("{}", serde_json::to_string_pretty(&rows)?);
         return Ok(());
     }
+    // With more than one node the summary's env_path is only one node's: the nodes' counts
+    // say more (`status --node` gives each node's paths).
+    let per_node = node.is_none()
+        && rows.iter().any(|r| {
+            r.nodes
+                .as_ref()
+                .and_then(|n| n.as_object())
+                .is_some_and(|m| m.values().filter_map(|v| v.as_i64()).sum::<i64>() > 1)
+        });
     let mut table = comfy_table::Table::new();
     table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
     table.set_header([
@@ -171,7 +180,7 @@ pub async fn status(
         "runtime",
         "status",
         "attempts",
-        "env_path",
+        if per_node { "nodes" } else { "env_path" },
         "last verified",
         "error",
     ]);
@@ -197,7 +206,11 @@ pub async fn status(
             r.runtime_ref.clone(),
             st,
             r.attempts.to_string(),
-            r.env_path.clone().unwrap_or_else(|| "-".into()),
+            if per_node {
+                node_counts(r.nodes.as_ref())
+            } else {
+                r.env_path.clone().unwrap_or_else(|| "-".into())
+            },
             match (&r.last_verified, r.last_verify_result.as_deref()) {
                 (Some(at), Some(res)) => {
                     format!("{} {}", at.format("%Y-%m-%d %H:%M"), truncate(res, 30))
@@ -211,6 +224,22 @@ pub async fn status(
     println!("{table}");
     println!("{} environment(s)", rows.len());
     Ok(())
+}
+
+/// `2 ready, 1 installing`, in the order of the state machine.
+fn node_counts(nodes: Option<&serde_json::Value>) -> String {
+    let counts: Vec<String> = Status::ALL
+        .iter()
+        .filter_map(|s| {
+            let n = nodes?.get(s.to_string())?.as_i64()?;
+            Some(format!("{n} {s}"))
+        })
+        .collect();
+    if counts.is_empty() {
+        "-".into()
+    } else {
+        counts.join(", ")
+    }
 }
 
 fn truncate(s: &str, max: usize) -> String {

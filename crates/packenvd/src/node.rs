@@ -159,6 +159,7 @@ pub async fn detect(
             )
             .await
             .ok();
+            let version = version.as_deref().and_then(version_number);
             (name.to_string(), json!({"path": at, "version": version}))
         })
     });
@@ -188,6 +189,20 @@ pub async fn detect(
 /// The bare command names a runtime's steps and executables run (not paths, not templates):
 /// what a host must have on PATH to build it. An unreadable spec needs nothing here; its rows
 /// fail with the spec's error.
+/// The version in a tool's `--version` line: `Python 3.11.7` → `3.11.7`, `v20.1.0` →
+/// `20.1.0`, `pip 23.2.1 from /usr/lib/...` → `23.2.1`.
+fn version_number(line: &str) -> Option<String> {
+    line.split_whitespace()
+        .map(|w| w.strip_prefix('v').unwrap_or(w))
+        .find(|w| {
+            w.contains('.')
+                && w.starts_with(|c: char| c.is_ascii_digit())
+                && w.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-')
+        })
+        .map(str::to_owned)
+}
+
 fn bare_commands(installers: &str) -> Vec<String> {
     let Ok(value) = serde_json::from_str::<serde_json::Value>(installers) else {
         return Vec::new();
@@ -214,6 +229,23 @@ fn bare_commands(installers: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_version_is_the_first_dotted_number_of_the_line() {
+        for (line, want) in [
+            ("Python 3.11.7", Some("3.11.7")),
+            ("v20.20.2", Some("20.20.2")),
+            (
+                "pip 23.2.1 from /root/.pyenv/versions/3.11.7/lib (python 3.11)",
+                Some("23.2.1"),
+            ),
+            ("uv 0.13.9 (x86_64-unknown-linux-gnu)", Some("0.13.9")),
+            ("11.19.1", Some("11.19.1")),
+            ("no version here", None),
+        ] {
+            assert_eq!(version_number(line).as_deref(), want, "{line}");
+        }
+    }
 
     #[test]
     fn a_runtime_needs_the_bare_commands_of_its_steps_and_executables() {

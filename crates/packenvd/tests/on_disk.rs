@@ -351,7 +351,7 @@ async fn a_request_with_unchanged_inputs_finishes_without_running_a_step(pool: P
     });
     // Started: its node checked what it can build, and registered. (A request before would
     // wait for the start-up, which is not what this measures.)
-    eventually(Duration::from_secs(10), "the node registered", || async {
+    eventually(Duration::from_secs(60), "the node registered", || async {
         sqlx::query_scalar::<_, bool>("SELECT last_seen > $1 FROM packenvd_node")
             .bind(before)
             .fetch_optional(&pool)

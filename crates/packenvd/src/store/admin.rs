@@ -30,6 +30,8 @@ pub struct StatusRow {
     pub last_verify_result: Option<String>,
     /// The node, for a node's rows (`status --node`); `None` for the summary over nodes.
     pub node: Option<String>,
+    /// For the summary: the nodes it counts, by status (`{"ready": 2, "pending": 1}`).
+    pub nodes: Option<serde_json::Value>,
 }
 
 /// Rows of the status view, filtered by pack and status when given.
@@ -41,13 +43,19 @@ pub async fn status(
 ) -> Result<Vec<StatusRow>, sqlx::Error> {
     let sql = match node {
         None => {
-            "SELECT id, pack_ref, runtime_ref, status, env_path, attempts, run_after,
-                    claimed_by, installed_at, last_verified, needs_verification, health,
-                    install_error, updated, last_verify_result, NULL::text AS node
-             FROM v_pack_environment_status
-             WHERE ($1::text IS NULL OR pack_ref = $1)
-               AND ($2::pack_environment_status_enum IS NULL OR status = $2)
-             ORDER BY pack_ref, runtime_ref"
+            "SELECT v.id, v.pack_ref, v.runtime_ref, v.status, v.env_path, v.attempts,
+                    v.run_after, v.claimed_by, v.installed_at, v.last_verified,
+                    v.needs_verification, v.health, v.install_error, v.updated,
+                    v.last_verify_result, NULL::text AS node,
+                    (SELECT jsonb_object_agg(k, n) FROM (VALUES
+                         ('pending', pe.nodes_pending), ('installing', pe.nodes_installing),
+                         ('ready', pe.nodes_ready), ('failed', pe.nodes_failed),
+                         ('outdated', pe.nodes_outdated)) c(k, n)
+                     WHERE n > 0) AS nodes
+             FROM v_pack_environment_status v JOIN pack_environment pe ON pe.id = v.id
+             WHERE ($1::text IS NULL OR v.pack_ref = $1)
+               AND ($2::pack_environment_status_enum IS NULL OR v.status = $2)
+             ORDER BY v.pack_ref, v.runtime_ref"
         }
         Some(_) => {
             "SELECT env_id AS id, pack_ref, runtime_ref, status, env_path, attempts, run_after,
@@ -60,7 +68,7 @@ pub async fn status(
                          WHEN status = 'failed' THEN 'unhealthy'
                          WHEN status = 'installing' THEN 'installing'
                          ELSE 'waiting' END AS health,
-                    install_error, updated, last_verify_result, node
+                    install_error, updated, last_verify_result, node, NULL::jsonb AS nodes
              FROM v_pack_environment_node
              WHERE node = $3 AND ($1::text IS NULL OR pack_ref = $1)
                AND ($2::pack_environment_status_enum IS NULL OR status = $2)
