@@ -1,0 +1,116 @@
+//! The shipped setup (deploy/packenvd.service): the daemon runs as an unprivileged user with
+//! CAP_SETUID, CAP_SETGID and CAP_CHOWN, and steps run as a separate build user. Builds,
+//! checks and the operator's `packenvd verify` work there, and clean up after themselves.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
+use sqlx::PgPool;
+
+/// A runtime whose step leaves traces in its build, HOME and TMPDIR, and whose environment
+/// holds one executable, `tool`, that verification runs.
+fn tool_runtime() -> serde_json::Value {
+    json!({
+        "installers": [{"name": "tool", "command": "sh", "args": ["-c",
+            "id -u > {env_path}/uid && echo h > \"$HOME/h\" && mkdir -p \"$TMPDIR/a/b\" && \
+             mkdir -p {env_path}/bin && printf '#!/bin/sh\\necho tool 1.0\\n' > {env_path}/bin/tool && \
+             chmod +x {env_path}/bin/tool"]}],
+        "executable_templates": {"tool": "{env_path}/bin/tool"}
+    })
+}
+
+/// A database any local user can reach (with a password), migrated.
+async fn shared_cluster() -> (PrivateCluster, PgPool) {
+    let cluster = PrivateCluster::start_with_password(&uuid::Uuid::new_v4().simple().to_string());
+    let pool = PgPool::connect(&cluster.url()).await.unwrap();
+    packenvd::store::MIGRATOR.run(&pool).await.unwrap();
+    (cluster, pool)
+}
+
+#[sqlx::test(migrations = false)]
+async fn an_unprivileged_daemon_with_the_units_capabilities_builds_and_verifies_as_the_build_user(
+    _pool: PgPool,
+) {
+    if !is_root() {
+        eprintln!("skipped: running the daemon as another user with capabilities needs root");
+        return;
+    }
+    let (cluster, pool) = shared_cluster().await;
+    let url = cluster.url();
+    let env = Env::new(&[]);
+    hand_to_daemon_user(&env, DAEMON_UID);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "t.tool").await;
+    let build_user = format!("{BUILD_UID}:{BUILD_UID}");
+    let vars = [("PACKENVD_BUILD_USER", build_user.as_str())];
+
+    let mut d = Daemon::spawn_with_caps(&env, &url, "a", DAEMON_UID, UNIT_CAPS, &vars);
+    let pid = d.child.id();
+    eventually(Duration::from_secs(30), "the build", || async {
+        let r = row(&pool, id).await;
+        r.status == "ready" || r.install_error.is_some() || has_exited(pid)
+    })
+    .await;
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "ready", "{:?}\n{}", r.install_error, d.output());
+    let build = std::path::PathBuf::from(r.metadata["build_dir"].as_str().unwrap());
+    assert_eq!(
+        std::fs::read_to_string(build.join("uid")).unwrap().trim(),
+        BUILD_UID.to_string(),
+        "the step ran as the build user"
+    );
+    use std::os::unix::fs::MetadataExt;
+    for p in [build.clone(), build.join("bin/tool")] {
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().uid(),
+            DAEMON_UID,
+            "{} was not given back to the daemon",
+            p.display()
+        );
+    }
+    assert_eq!(
+        private_tmps(&env),
+        Vec::<String>::new(),
+        "a build's tmp was left"
+    );
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_exit(Duration::from_secs(15))
+        .expect("the daemon stops");
+
+    // The operator's `packenvd verify`, as operations.md runs it: the daemon's user and
+    // capabilities.
+    let out = run_as(
+        &env,
+        &url,
+        DAEMON_UID,
+        UNIT_CAPS,
+        &["verify", "--all"],
+        &vars,
+    );
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(text.contains("ok      p t.tool"), "{text}");
+    let verified: Option<String> =
+        sqlx::query_scalar("SELECT last_verify_result FROM pack_environment WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(verified.as_deref(), Some("ok"));
+    assert_eq!(status_of(&pool, id).await, "ready");
+    assert_eq!(
+        private_tmps(&env),
+        Vec::<String>::new(),
+        "a check's tmp was left"
+    );
+    pool.close().await;
+}
