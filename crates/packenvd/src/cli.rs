@@ -73,7 +73,7 @@ pub enum Command {
         runtime: Option<String>,
     },
     /// Verify ready environments now; exit status 1 when any was found broken (it is then
-    /// `outdated` and a running daemon rebuilds it).
+    /// `outdated` and a running daemon rebuilds it) or could not be checked on this host.
     Verify {
         /// Every ready environment, whatever the age of its last check.
         #[arg(long, conflicts_with_all = ["stale", "pack"])]
@@ -292,7 +292,7 @@ pub async fn remove(
     Ok(())
 }
 
-/// `packenvd verify`; returns whether anything was found broken.
+/// `packenvd verify`; returns whether anything was found broken or could not be checked.
 pub async fn verify(
     pool: &PgPool,
     settings: &Settings,
@@ -307,11 +307,18 @@ pub async fn verify(
         (false, None) => Scope::Stale,
     };
     let findings = crate::verify::run_pass(pool, settings, &scope).await?;
-    let mut broken = 0;
+    let (mut broken, mut unchecked) = (0, 0);
     for f in &findings {
-        match &f.failure {
-            None => println!("ok      {} {}", f.pack_ref, f.runtime_ref),
-            Some(reason) => {
+        match (&f.failure, &f.unchecked) {
+            (_, Some(reason)) => {
+                unchecked += 1;
+                println!(
+                    "UNCHECKED {} {}: {reason} (left as it was)",
+                    f.pack_ref, f.runtime_ref
+                );
+            }
+            (None, None) => println!("ok      {} {}", f.pack_ref, f.runtime_ref),
+            (Some(reason), None) => {
                 broken += 1;
                 println!(
                     "BROKEN  {} {}: {reason} (now outdated: it will be rebuilt)",
@@ -321,10 +328,15 @@ pub async fn verify(
         }
     }
     println!(
-        "{} environment(s) verified, {broken} broken",
-        findings.len()
+        "{} environment(s) verified, {broken} broken{}",
+        findings.len() - unchecked,
+        if unchecked > 0 {
+            format!(", {unchecked} could not be checked")
+        } else {
+            String::new()
+        }
     );
-    Ok(broken > 0)
+    Ok(broken > 0 || unchecked > 0)
 }
 
 /// Runs the parsed command line; returns the process's exit status. Configuration errors exit
