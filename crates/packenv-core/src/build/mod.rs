@@ -82,11 +82,7 @@ impl Switch {
         let result = match previous {
             Some(p) if p != self.build_dir => self.loc.switch_to(p).map(|_| ()),
             Some(_) => Ok(()),
-            None => std::fs::remove_file(&self.loc.env_path).map_err(|source| LayoutError::Io {
-                what: "cannot remove",
-                path: self.loc.env_path.clone(),
-                source,
-            }),
+            None => self.loc.remove_link(),
         };
         if let Err(e) = result {
             tracing::warn!(env_path = %self.loc.env_path.display(), error = %e, "cannot undo a switch");
@@ -98,10 +94,8 @@ impl Switch {
         if self.loc.current_build().as_deref() == Some(self.build_dir.as_path()) {
             return;
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.build_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(build_dir = %self.build_dir.display(), error = %e, "cannot remove a discarded build");
-            }
+        if let Err(e) = self.loc.remove_build(&self.build_dir) {
+            tracing::warn!(build_dir = %self.build_dir.display(), error = %e, "cannot remove a discarded build");
         }
     }
 }
@@ -537,5 +531,39 @@ pub fn mark_superseded(dir: &Path) {
     let now = std::time::SystemTime::now();
     if let Err(e) = std::fs::File::open(dir).and_then(|f| f.set_modified(now)) {
         tracing::warn!(build_dir = %dir.display(), error = %e, "cannot mark the old build as superseded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::EnvsRoot;
+
+    #[test]
+    fn discard_and_revert_never_follow_a_pack_directory_swapped_for_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("envs");
+        EnvsRoot::open(&root, true).unwrap();
+        let loc = EnvLocation::new(&root, "p", "python", None).unwrap();
+        let build_dir = loc.build_dir("a");
+        // What the pack directory's link leads to looks like a build and its env_path.
+        let outside = tempfile::tempdir().unwrap();
+        let lookalike = outside.path().join(build_dir.file_name().unwrap());
+        std::fs::create_dir(&lookalike).unwrap();
+        std::fs::write(lookalike.join("precious"), "keep me").unwrap();
+        std::os::unix::fs::symlink(".python-a", outside.path().join("python")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &loc.pack_dir).unwrap();
+
+        let switch = Switch { loc, build_dir };
+        switch.discard();
+        assert!(
+            lookalike.join("precious").exists(),
+            "discard followed the link"
+        );
+        switch.revert(None);
+        assert!(
+            outside.path().join("python").symlink_metadata().is_ok(),
+            "revert followed the link"
+        );
     }
 }
