@@ -22,14 +22,6 @@ fn tool_runtime() -> serde_json::Value {
     })
 }
 
-/// A database any local user can reach (with a password), migrated.
-async fn shared_cluster() -> (PrivateCluster, PgPool) {
-    let cluster = PrivateCluster::start_with_password(&uuid::Uuid::new_v4().simple().to_string());
-    let pool = PgPool::connect(&cluster.url()).await.unwrap();
-    packenvd::store::MIGRATOR.run(&pool).await.unwrap();
-    (cluster, pool)
-}
-
 #[sqlx::test(migrations = false)]
 async fn an_unprivileged_daemon_with_the_units_capabilities_builds_and_verifies_as_the_build_user(
     _pool: PgPool,
@@ -38,7 +30,7 @@ async fn an_unprivileged_daemon_with_the_units_capabilities_builds_and_verifies_
         eprintln!("skipped: running the daemon as another user with capabilities needs root");
         return;
     }
-    let (cluster, pool) = shared_cluster().await;
+    let (cluster, pool) = reachable_database().await;
     let url = cluster.url();
     let env = Env::new(&[]);
     hand_to_daemon_user(&env, DAEMON_UID);

@@ -296,6 +296,18 @@ pub const DAEMON_UID: u32 = 65534;
 /// A build user distinct from the daemon's: a bare uid:gid, as `build_user` accepts.
 pub const BUILD_UID: u32 = 64123;
 
+/// A database of the test's own that any local user can reach (with a password), migrated:
+/// for a daemon that runs as another user.
+pub async fn reachable_database() -> (PrivateCluster, PgPool) {
+    let cluster = PrivateCluster::start_with_password(&uuid::Uuid::new_v4().simple().to_string());
+    let pool = PgPool::connect(&cluster.url()).await.expect("connect");
+    packenvd::store::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrations");
+    (cluster, pool)
+}
+
 /// Makes `env` a place a daemon running as `uid` can work in, as an operator sets it up: its
 /// envs root, cache and scratch directory become that user's; the packs stay root's, readable.
 pub fn hand_to_daemon_user(env: &Env, uid: u32) {
