@@ -73,7 +73,8 @@ pub enum Command {
         runtime: Option<String>,
     },
     /// Verify ready environments now; exit status 1 when any was found broken (it is then
-    /// `outdated` and a running daemon rebuilds it) or could not be checked on this host.
+    /// `outdated` and a running daemon rebuilds it) or could not be checked on this host, 2
+    /// when the checks may not run as configured (a build user without the capabilities).
     Verify {
         /// Every ready environment, whatever the age of its last check.
         #[arg(long, conflicts_with_all = ["stale", "pack"])]
@@ -433,6 +434,12 @@ async fn dispatch(
             pack,
             runtime,
         } => {
+            // The checks run as the build user, like the daemon's: without what that takes,
+            // every check would fail and send healthy environments to outdated.
+            if let Err(e) = crate::hardening::Protections::detect(&settings).await {
+                eprintln!("packenvd: refusing to verify: {e}");
+                return Ok(ExitCode::from(2));
+            }
             if verify(&pool, &settings, *all, pack.clone(), runtime.clone()).await? {
                 return Ok(ExitCode::from(1));
             }

@@ -106,3 +106,97 @@ async fn an_unprivileged_daemon_with_the_units_capabilities_builds_and_verifies_
     );
     pool.close().await;
 }
+
+/// Builds pack `p` with runtime `t.tool` by a daemon of the shipped setup, then stops it.
+async fn ready_by_the_shipped_setup(env: &Env, pool: &PgPool, url: &str, vars: &[(&str, &str)]) {
+    hand_to_daemon_user(env, DAEMON_UID);
+    add_runtime(pool, "t.tool", tool_runtime()).await;
+    env.pack_dir("p", &[]);
+    add_pack(pool, "p").await;
+    let id = request(pool, "p", "t.tool").await;
+    let mut d = Daemon::spawn_with_caps(env, url, "a", DAEMON_UID, UNIT_CAPS, vars);
+    let pid = d.child.id();
+    eventually(Duration::from_secs(30), "the build", || async {
+        let r = row(pool, id).await;
+        r.status == "ready" || r.install_error.is_some() || has_exited(pid)
+    })
+    .await;
+    assert_eq!(status_of(pool, id).await, "ready", "{}", d.output());
+    d.signal(nix::sys::signal::Signal::SIGTERM);
+    d.wait_exit(Duration::from_secs(15))
+        .expect("the daemon stops");
+}
+
+#[sqlx::test(migrations = false)]
+async fn packenvd_verify_without_the_capabilities_refuses_and_leaves_every_row_as_it_was(
+    _pool: PgPool,
+) {
+    if !is_root() {
+        eprintln!("skipped: running packenvd as another user needs root");
+        return;
+    }
+    let (cluster, pool) = reachable_database().await;
+    let url = cluster.url();
+    let env = Env::new(&[]);
+    let build_user = format!("{BUILD_UID}:{BUILD_UID}");
+    let vars = [("PACKENVD_BUILD_USER", build_user.as_str())];
+    ready_by_the_shipped_setup(&env, &pool, &url, &vars).await;
+
+    // As the daemon's user, but without its capabilities (runuser, a plain shell).
+    let out = run_as(&env, &url, DAEMON_UID, "", &["verify", "--all"], &vars);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("refusing to verify")
+            && stderr.contains("CAP_SETUID, CAP_SETGID and CAP_CHOWN"),
+        "{stderr}"
+    );
+    let (status, result): (String, Option<String>) = sqlx::query_as(
+        "SELECT status::text, last_verify_result FROM pack_environment WHERE pack_ref = 'p'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), result), ("ready", None));
+    pool.close().await;
+}
+
+#[sqlx::test(migrations = false)]
+async fn a_daemon_that_may_not_switch_to_or_chown_for_the_build_user_refuses_to_start(
+    _pool: PgPool,
+) {
+    if !is_root() {
+        eprintln!("skipped: running the daemon as another user with capabilities needs root");
+        return;
+    }
+    let (cluster, pool) = reachable_database().await;
+    let url = cluster.url();
+    let env = Env::new(&[]);
+    hand_to_daemon_user(&env, DAEMON_UID);
+    let build_user = format!("{BUILD_UID}:{BUILD_UID}");
+    let vars = [("PACKENVD_BUILD_USER", build_user.as_str())];
+    for (caps, missing) in [
+        ("", "may not switch to it"),
+        ("+setuid,+setgid", "may not give files to it"),
+    ] {
+        let mut d = Daemon::spawn_with_caps(&env, &url, "a", DAEMON_UID, caps, &vars);
+        d.wait_exit(Duration::from_secs(15)).unwrap_or_else(|| {
+            panic!(
+                "with caps {caps:?} the daemon kept running:\n{}",
+                d.output()
+            )
+        });
+        let out = d.output();
+        assert_eq!(d.child.wait().unwrap().code(), Some(1), "{out}");
+        assert!(
+            out.contains(missing) && out.contains("CAP_SETUID, CAP_SETGID and CAP_CHOWN"),
+            "with caps {caps:?}:\n{out}"
+        );
+    }
+    assert_eq!(
+        private_tmps(&env),
+        Vec::<String>::new(),
+        "the check left its file"
+    );
+    pool.close().await;
+}
