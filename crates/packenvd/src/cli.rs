@@ -359,7 +359,7 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
     }) {
         loaded.settings.step_hidden.push(file.display().to_string());
     }
-    crate::hardening::forget_secrets();
+    let forgotten = crate::hardening::forget_secrets();
     let filter = crate::logging::init(cli.log_format, &loaded.settings.log_level);
     for w in loaded.warnings.iter().chain(&hardening) {
         tracing::warn!("{w}");
@@ -375,7 +375,7 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(&cli, loaded.settings, filter)) {
+    match runtime.block_on(dispatch(&cli, loaded.settings, forgotten, filter)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("packenvd: {e:#}");
@@ -387,13 +387,15 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
 async fn dispatch(
     cli: &Cli,
     settings: Settings,
+    forgotten: crate::hardening::Forgotten,
     filter: crate::logging::LogFilter,
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     let pool_size = u32::try_from(settings.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(4);
-    let pool = store::connect(settings.database_url.expose(), pool_size)
+    let password = forgotten.pg_password.as_ref().map(|p| p.expose());
+    let pool = store::connect_with_password(settings.database_url.expose(), password, pool_size)
         .await
         .context("cannot connect to the database (DATABASE_URL)")?;
     match &cli.command {

@@ -20,11 +20,28 @@ pub fn harden_process() -> Vec<String> {
 /// configuration is loaded, so nothing started later can inherit them by mistake.
 pub const SECRET_VARS: &[&str] = &["DATABASE_URL", "PACKENVD_DATABASE_URL", "PGPASSWORD"];
 
-/// Removes [`SECRET_VARS`] from the environment. Call it before any other thread starts.
-pub fn forget_secrets() {
+/// What [`forget_secrets`] took out of the environment that the database library would have
+/// read from it when it connects. Of the variables sqlx's `PgConnectOptions` reads (`PGHOST`,
+/// `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE`, `PGSSLROOTCERT`,
+/// `PGSSLCERT`, `PGSSLKEY`, `PGAPPNAME`, `PGOPTIONS`, `PGPASSFILE`), only `PGPASSWORD` holds a
+/// secret, so only it is scrubbed and kept here.
+#[derive(Debug, Default, Clone)]
+pub struct Forgotten {
+    /// `PGPASSWORD`: the password when the URL has none (before `~/.pgpass`, as in libpq).
+    pub pg_password: Option<crate::config::Secret>,
+}
+
+/// Removes [`SECRET_VARS`] from the environment and returns what the database connection
+/// still needs of them. Call it before any other thread starts.
+pub fn forget_secrets() -> Forgotten {
+    let pg_password = std::env::var("PGPASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(crate::config::Secret::new);
     for var in SECRET_VARS {
         std::env::remove_var(var);
     }
+    Forgotten { pg_password }
 }
 
 /// Whether this process is dumpable (false once [`harden_process`] ran).
