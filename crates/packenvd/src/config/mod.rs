@@ -324,8 +324,11 @@ pub enum ConfigError {
         origin: Source,
         message: String,
     },
-    #[error("DATABASE_URL is not set (environment, `database_url` in the config file, or --database-url)")]
-    NoDatabase,
+    #[error("DATABASE_URL is not set (environment, `database_url` in the config file, or --database-url){}", if *ignored_packenvd_var { "; PACKENVD_DATABASE_URL is set but not read" } else { "" })]
+    NoDatabase {
+        /// PACKENVD_DATABASE_URL is set: the likely reason, since it is not read.
+        ignored_packenvd_var: bool,
+    },
 }
 
 impl Settings {

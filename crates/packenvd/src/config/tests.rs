@@ -112,7 +112,7 @@ fn unknown_file_keys_and_missing_database_are_errors() {
         err.contains("`concurency`") && err.contains("did you mean `concurrency`"),
         "{err}"
     );
-    assert!(matches!(load(&[]), Err(ConfigError::NoDatabase)));
+    assert!(matches!(load(&[]), Err(ConfigError::NoDatabase { .. })));
 }
 
 #[test]
@@ -124,6 +124,32 @@ fn an_unknown_packenvd_variable_is_a_warning_naming_the_closest_key() {
         loaded.warnings[0].contains("did you mean PACKENVD_CONCURRENCY"),
         "{:?}",
         loaded.warnings
+    );
+}
+
+#[test]
+fn packenvd_database_url_is_a_warning_that_names_what_to_use_instead() {
+    let loaded = load(&[
+        ("DATABASE_URL", "postgres://a"),
+        ("PACKENVD_DATABASE_URL", "postgres://u:hunter2@b"),
+    ])
+    .unwrap();
+    assert_eq!(loaded.settings.database_url.expose(), "postgres://a");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    let w = &loaded.warnings[0];
+    assert!(
+        w.contains("PACKENVD_DATABASE_URL is ignored")
+            && w.contains("DATABASE_URL,")
+            && w.contains("database_url_file")
+            && !w.contains("hunter2"),
+        "{w}"
+    );
+    let alone = load(&[("PACKENVD_DATABASE_URL", "postgres://b")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        alone.contains("PACKENVD_DATABASE_URL is set but not read"),
+        "{alone}"
     );
 }
 
