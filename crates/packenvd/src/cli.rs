@@ -347,18 +347,13 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
     // Before any thread exists and before the secret is read (DESIGN §6).
     let hardening = crate::hardening::harden_process();
     let require_db = !matches!(cli.command, Command::CheckConfig(_));
-    let mut loaded = match load_settings(&cli, require_db) {
+    let loaded = match load_settings(&cli, require_db) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("packenvd: configuration error: {}", crate::error::chain(&e));
             return ExitCode::from(2);
         }
     };
-    if let Some(file) = cli.config.clone().or_else(|| {
-        Some(std::path::PathBuf::from(crate::config::DEFAULT_CONFIG_FILE)).filter(|p| p.exists())
-    }) {
-        loaded.settings.step_hidden.push(file.display().to_string());
-    }
     let forgotten = crate::hardening::forget_secrets();
     let filter = crate::logging::init(cli.log_format, &loaded.settings.log_level);
     for w in loaded.warnings.iter().chain(&hardening) {

@@ -185,6 +185,11 @@ impl Settings {
             sources: BTreeMap::new(),
         };
         let mut settings = Settings::resolve(&mut r)?;
+        // Absolute: steps run elsewhere, and Landlock takes paths as they are.
+        settings.config_file = r
+            .file_path
+            .as_deref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()));
         let credential = r
             .layers
             .env

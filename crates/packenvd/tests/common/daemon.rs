@@ -77,10 +77,22 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(env: &Env, url: &str, name: &str, vars: &[(&str, &str)], args: &[&str]) -> Daemon {
+        Self::spawn_in(env, url, name, vars, args, std::path::Path::new("."))
+    }
+
+    /// [`Daemon::spawn`] in the working directory `cwd` (where a relative `--config` is).
+    pub fn spawn_in(
+        env: &Env,
+        url: &str,
+        name: &str,
+        vars: &[(&str, &str)],
+        args: &[&str],
+        cwd: &std::path::Path,
+    ) -> Daemon {
         let log = env.dir.path().join(format!("daemon-{name}.log"));
         let out = std::fs::File::create(&log).expect("daemon log");
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
-        cmd.arg("run").args(args);
+        cmd.arg("run").args(args).current_dir(cwd);
         with_settings(&mut cmd, env, url, name)
             .stdout(out.try_clone().expect("dup"))
             .stderr(out);
