@@ -156,7 +156,9 @@ impl Protections {
             let tmp_root = settings.build_config().tmp_root();
             packenv_core::blocking(move || can_give_files(&tmp_root, uid, gid)).await?;
         }
-        let landlock = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let probed =
+            packenv_core::supervise::ProbeAnswer::parse(&String::from_utf8_lossy(&out.stdout));
+        let landlock = &probed.status;
         p.active.push(format!(
             "steps supervised by {} (every process a step starts dies with it)",
             sandbox.supervisor[0].to_string_lossy()
@@ -178,7 +180,8 @@ impl Protections {
             ),
         }
         use packenv_core::supervise::LandlockMode;
-        match (sandbox.landlock, landlock.contains("fully enforced")) {
+        let shortfall = probed.shortfall(sandbox.tcp_ports.is_some());
+        match (sandbox.landlock, probed.fully_enforced()) {
             (LandlockMode::Off, _) => p.missing.push(
                 "landlock = off: steps may write anywhere the user may, and connect anywhere"
                     .into(),
@@ -192,12 +195,10 @@ impl Protections {
             )),
             (LandlockMode::Required, false) => {
                 return Err(format!(
-                    "landlock = \"required\", but on this kernel: {landlock}"
+                    "landlock = \"required\", but on this kernel: {landlock} ({shortfall})"
                 ))
             }
-            (LandlockMode::BestEffort, false) => p.missing.push(format!(
-                "{landlock}: steps are not confined to their directories and ports (kernel 5.13+ with Landlock, 6.7+ for ports)"
-            )),
+            (LandlockMode::BestEffort, false) => p.missing.push(format!("{landlock}: {shortfall}")),
         }
         Ok(p)
     }
