@@ -5,14 +5,16 @@
 //!   double fork) becomes its child, and when the step ends it kills every descendant;
 //! - its stdin is a pipe from the daemon: when that pipe closes (the daemon cancels the step,
 //!   times it out, shuts down, or dies, even by `kill -9`) it kills the whole tree and exits;
-//! - it closes every inherited descriptor but 0, 1 and 2, sets the step's resource limits
-//!   (memory, processes, file size; no core dumps), and confines the step with Landlock: writes
-//!   only to the directories given, TCP connects only to the ports given, and no reading of the
-//!   paths given as hidden;
+//! - it marks every inherited descriptor but 0, 1 and 2 close-on-exec, drops every capability
+//!   (the daemon's CAP_SETUID, CAP_SETGID and CAP_CHOWN included), sets the step's resource
+//!   limits (memory, processes, file size; no core dumps), confines the step with Landlock
+//!   (writes only to the directories given, TCP connects only to the ports given, no reading of
+//!   the paths given as hidden) and sets umask 0022;
 //! - it exits as the step did: the same status, or killed by the same signal.
 //!
-//! It runs single-threaded but for one thread that waits on the control pipe, and it was
-//! started as the build user when the daemon has one, so everything it kills is its own.
+//! It runs on one thread, waiting on the control pipe and on a pidfd of the step with `poll`
+//! (a thread more would count against the build user's process limit), and it was started as
+//! the build user when the daemon has one, so everything it kills is its own.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;

@@ -256,3 +256,30 @@ fn every_setting_is_a_flag_of_run() {
     assert_eq!(flags.0["concurrency"], "5");
     assert_eq!(flags.0["gc_grace"], "2h");
 }
+
+#[test]
+fn the_readme_lists_exactly_the_keys_sighup_applies() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"),
+    )
+    .unwrap();
+    let start = readme.find("**SIGHUP** reloads the config").unwrap();
+    let end = start + readme[start..].find("\n\n").unwrap();
+    let (live, restart) = readme[start..end].split_once("take effect").unwrap();
+    let named = |text: &str, key: &str| {
+        text.contains(&format!("`{key}`"))
+            || ["gc_", "verify_", "database_url"]
+                .iter()
+                .any(|p| key.starts_with(p) && text.contains(&format!("`{p}*`")))
+    };
+    for k in KEYS {
+        match k.reload {
+            Reload::Live => assert!(named(live, k.name), "{} is reloadable", k.name),
+            Reload::Restart => assert!(
+                !named(live, k.name) && named(restart, k.name),
+                "{} needs a restart",
+                k.name
+            ),
+        }
+    }
+}
