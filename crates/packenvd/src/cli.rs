@@ -340,6 +340,27 @@ pub async fn verify(
     Ok(broken > 0 || unchecked > 0)
 }
 
+/// What the daemon checks at start that checks need too: its envs root (checks refuse one of
+/// another user, which is what running `verify` as root finds), and a build user it may switch
+/// to and give files to. Without them every check would fail and send healthy environments to
+/// `outdated`.
+async fn may_verify(settings: &Settings) -> Result<(), String> {
+    let root = settings.envs_root.clone();
+    match packenv_core::blocking(move || packenv_core::layout::EnvsRoot::open(&root, false)).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(format!(
+                "envs root {} does not exist (is this the daemon's configuration?)",
+                settings.envs_root.display()
+            ))
+        }
+        Err(e) => return Err(format!("{e}: run packenvd verify as the daemon's user")),
+    }
+    crate::hardening::Protections::detect(settings)
+        .await
+        .map(|_| ())
+}
+
 /// Runs the parsed command line; returns the process's exit status. Configuration errors exit
 /// with 2, a command that found something wrong (a broken environment) with 1.
 pub fn main(cli: Cli) -> std::process::ExitCode {
@@ -431,9 +452,7 @@ async fn dispatch(
             pack,
             runtime,
         } => {
-            // The checks run as the build user, like the daemon's: without what that takes,
-            // every check would fail and send healthy environments to outdated.
-            if let Err(e) = crate::hardening::Protections::detect(&settings).await {
+            if let Err(e) = may_verify(&settings).await {
                 eprintln!("packenvd: refusing to verify: {e}");
                 return Ok(ExitCode::from(2));
             }

@@ -128,7 +128,7 @@ async fn ready_by_the_shipped_setup(env: &Env, pool: &PgPool, url: &str, vars: &
 }
 
 #[sqlx::test(migrations = false)]
-async fn packenvd_verify_without_the_capabilities_refuses_and_leaves_every_row_as_it_was(
+async fn packenvd_verify_refuses_without_the_capabilities_or_as_another_user_and_leaves_every_row_as_it_was(
     _pool: PgPool,
 ) {
     if !is_root() {
@@ -157,7 +157,32 @@ async fn packenvd_verify_without_the_capabilities_refuses_and_leaves_every_row_a
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((status.as_str(), result), ("ready", None));
+    assert_eq!((status.as_str(), result.as_deref()), ("ready", None));
+
+    // As root, which may switch users but whose checks would find the daemon's envs root not
+    // their own.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"))
+        .args(["verify", "--all"])
+        .env("DATABASE_URL", &url)
+        .env("PACKENVD_ENVS_ROOT", env.envs_root())
+        .env("PACKENVD_PACKS_DIR", &env.settings.packs_dir)
+        .env("PACKENVD_CACHE_DIR", &env.settings.cache_dir)
+        .env("PACKENVD_BUILD_USER", &build_user)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("is owned by uid 65534") && stderr.contains("as the daemon's user"),
+        "{stderr}"
+    );
+    let (status, result): (String, Option<String>) = sqlx::query_as(
+        "SELECT status::text, last_verify_result FROM pack_environment WHERE pack_ref = 'p'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), result.as_deref()), ("ready", None));
     pool.close().await;
 }
 
