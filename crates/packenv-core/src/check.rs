@@ -26,6 +26,10 @@ pub enum CheckError {
     NoEnvPath,
     #[error("the runtime's spec: {0}")]
     Spec(#[source] BuildError),
+    /// The checks could not run on this host (their private tmp could not be made): nothing
+    /// is known about the environment, which must not be blamed for it.
+    #[error("the checks cannot run here: {0}")]
+    Local(#[source] BuildError),
     #[error(transparent)]
     Layout(#[from] LayoutError),
     #[error("env_path {0} does not point to a build directory")]
@@ -64,6 +68,13 @@ pub enum CheckError {
         outcome: String,
         tail: String,
     },
+}
+
+impl CheckError {
+    /// Whether the fault is this host's, not the environment's: the row stays as it was.
+    pub fn is_local(&self) -> bool {
+        matches!(self, CheckError::Local(_))
+    }
 }
 
 /// Settings of the checks.
@@ -109,7 +120,7 @@ pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError>
     let user = cfg.build.sandbox.as_ref().and_then(|s| s.user);
     let scratch = Scratch::create(&cfg.build, &tmp, None, user)
         .await
-        .map_err(CheckError::Spec)?;
+        .map_err(CheckError::Local)?;
     let result = run_checks(cfg, target, &plan, &build).await;
     scratch.remove().await;
     result

@@ -33,7 +33,8 @@ pub fn type_at(dir: impl AsFd, name: &str) -> io::Result<Option<FileType>> {
 }
 
 /// Removes `name` inside `dir` and, if it is a directory, everything beneath it. A symlink is
-/// removed itself, never followed. Absent is fine.
+/// removed itself, never followed. Absent is fine. A directory of ours that its owner may not
+/// list, enter or change (a step can `chmod 000` what it made) is given those rights first.
 pub fn remove_all_at(dir: impl AsFd, name: &str) -> io::Result<()> {
     remove_all_at_c(dir.as_fd(), name)
 }
@@ -50,6 +51,9 @@ fn remove_all_at_c<P: rustix::path::Arg + Copy>(
     if FileType::from_raw_mode(st.st_mode) != FileType::Directory {
         return ignore_absent(rustix::fs::unlinkat(dir, name, AtFlags::empty()));
     }
+    if st.st_uid == rustix::process::geteuid().as_raw() && st.st_mode & 0o700 != 0o700 {
+        add_owner_rights(dir, name, 0o700)?;
+    }
     let sub = open_dir_at_c(dir, name)?;
     for entry in entries(&sub)? {
         remove_all_at_c(sub.as_fd(), entry.as_c_str())?;
@@ -57,8 +61,36 @@ fn remove_all_at_c<P: rustix::path::Arg + Copy>(
     ignore_absent(rustix::fs::unlinkat(dir, name, AtFlags::REMOVEDIR))
 }
 
+/// Adds `bits` (of 0o700) to the mode of the directory `name` inside `dir`, if it is ours.
+/// Through an `O_PATH` descriptor, which needs no right on the directory itself and never
+/// follows a symlink, and its `/proc/self/fd` link, since `fchmod` refuses `O_PATH`
+/// descriptors and `fchmodat` cannot refuse to follow a link.
+fn add_owner_rights<P: rustix::path::Arg>(
+    dir: std::os::fd::BorrowedFd<'_>,
+    name: P,
+    bits: u32,
+) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let fd = rustix::fs::openat(
+        dir,
+        name,
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let st = rustix::fs::fstat(&fd)?;
+    if st.st_uid != rustix::process::geteuid().as_raw() || st.st_mode & bits == bits {
+        return Ok(());
+    }
+    let mode = Mode::from_raw_mode((st.st_mode & 0o7777) | bits);
+    Ok(rustix::fs::chmod(
+        format!("/proc/self/fd/{}", fd.as_raw_fd()),
+        mode,
+    )?)
+}
+
 /// Gives `name` inside `dir`, and everything beneath it, to `uid:gid`, without following a
-/// symlink anywhere (a link's own owner changes, not its target's).
+/// symlink anywhere (a link's own owner changes, not its target's). Taking a tree back, a
+/// directory that its new owner (us) may not list or enter is given those rights.
 pub fn chown_all_at(dir: impl AsFd, name: &str, uid: u32, gid: u32) -> io::Result<()> {
     chown_all_at_c(dir.as_fd(), name, uid, gid)
 }
@@ -74,7 +106,13 @@ fn chown_all_at_c<P: rustix::path::Arg + Copy>(
     rustix::fs::chownat(dir, name, owner, group, AtFlags::SYMLINK_NOFOLLOW)?;
     let st = rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW)?;
     if FileType::from_raw_mode(st.st_mode) == FileType::Directory {
-        let sub = open_dir_at_c(dir, name)?;
+        let sub = match open_dir_at_c(dir, name) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                add_owner_rights(dir, name, 0o500)?;
+                open_dir_at_c(dir, name)?
+            }
+            r => r?,
+        };
         for entry in entries(&sub)? {
             chown_all_at_c(sub.as_fd(), entry.as_c_str(), uid, gid)?;
         }

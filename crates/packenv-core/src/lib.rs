@@ -9,8 +9,9 @@
 //! - [`build`]: one build, from spec to a finished, checked build directory, and the
 //!   [`build::Switch`] that puts it in service; typed [`build::BuildError`]s.
 //! - [`check`]: the verification checks of a ready environment.
-//! - [`runner`]: runs one command in its own process group with a scrubbed environment, a
-//!   timeout, and output captured into a [`log::CappedLog`].
+//! - [`runner`]: runs one command under the step supervisor (or, unsupervised, in its own
+//!   process group) with a scrubbed environment, a timeout, and output captured into a
+//!   [`log::CappedLog`].
 //! - [`supervise`]: the step supervisor: a subreaper that kills whatever a step leaves
 //!   behind, sets its resource limits and confines it with Landlock.
 //! - [`probe`]: what builds and checks ask of the host: the step environment, pack and cache

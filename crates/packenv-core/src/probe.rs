@@ -12,8 +12,9 @@ use tokio_util::sync::CancellationToken;
 use crate::log::BuildLog;
 use crate::runner::{self, Invocation, Outcome, Supervised};
 
-/// Variables a step may inherit from the daemon besides PATH, HOME and LANG (DESIGN §6):
-/// proxies, package indexes and CA bundles. Anything else, `DATABASE_URL` included, is dropped.
+/// Variables a step may inherit from the daemon besides PATH and LANG (DESIGN §6): proxies,
+/// package indexes and CA bundles. Anything else, `DATABASE_URL` included, is dropped; HOME
+/// and TMPDIR are always the build's own ([`step_environment`]).
 pub const DEFAULT_PASSTHROUGH: &[&str] = &[
     "http_proxy",
     "https_proxy",

@@ -1,11 +1,15 @@
-//! Runs one installer command: an argument vector (never a shell), its own process group, a
-//! scrubbed environment given by the caller, output merged into a [`CappedLog`] as it is read,
-//! and a timeout or cancellation that kills the whole group.
+//! Runs one installer command: an argument vector (never a shell), a scrubbed environment given
+//! by the caller, output merged into a [`CappedLog`] as it is read, and a timeout or
+//! cancellation that kills it with everything it started.
 //!
-//! With a [`Supervised`] setting the command runs under the step supervisor
-//! ([`crate::supervise`]), which kills everything the step leaves behind, applies its limits
-//! and Landlock, and can run as the build user. Without one (unit tests, and a daemon that has
-//! no supervisor binary) only the process group is killed.
+//! With a [`Supervised`] setting (what the daemon uses) the command runs under the step
+//! supervisor ([`crate::supervise`]), as the build user when there is one: the supervisor applies
+//! the limits and Landlock, and kills the step's whole tree (`setsid` and double forks included)
+//! when the step ends or when the runner closes its control pipe (timeout, cancel). The
+//! supervisor's process group is killed from here only if it does not exit within
+//! [`SUPERVISOR_GRACE`]. Without one (`step_supervisor = "none"`, unit tests) the command gets
+//! a process group of its own, which is killed, and `PR_SET_PDEATHSIG`: what leaves the group
+//! survives.
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
@@ -71,9 +75,10 @@ impl Invocation {
 pub enum Outcome {
     /// It exited; `status.success()` says whether with 0.
     Exited(ExitStatus),
-    /// It ran past its timeout and its process group was killed.
+    /// It ran past its timeout and was killed with everything it started.
     TimedOut(Duration),
-    /// The build was cancelled (shutdown, lost claim) and the process group was killed.
+    /// The build was cancelled (shutdown, lost claim) and the step was killed with everything
+    /// it started.
     Cancelled,
     /// It could not be started (no such command, not executable, bad working directory).
     SpawnFailed(std::io::Error),

@@ -5,14 +5,16 @@
 //!   double fork) becomes its child, and when the step ends it kills every descendant;
 //! - its stdin is a pipe from the daemon: when that pipe closes (the daemon cancels the step,
 //!   times it out, shuts down, or dies, even by `kill -9`) it kills the whole tree and exits;
-//! - it closes every inherited descriptor but 0, 1 and 2, sets the step's resource limits
-//!   (memory, processes, file size; no core dumps), and confines the step with Landlock: writes
-//!   only to the directories given, TCP connects only to the ports given, and no reading of the
-//!   paths given as hidden;
+//! - it marks every inherited descriptor but 0, 1 and 2 close-on-exec, drops every capability
+//!   (the daemon's CAP_SETUID, CAP_SETGID and CAP_CHOWN included), sets the step's resource
+//!   limits (memory, processes, file size; no core dumps), confines the step with Landlock
+//!   (writes only to the directories given, TCP connects only to the ports given, no reading of
+//!   the paths given as hidden) and sets umask 0022;
 //! - it exits as the step did: the same status, or killed by the same signal.
 //!
-//! It runs single-threaded but for one thread that waits on the control pipe, and it was
-//! started as the build user when the daemon has one, so everything it kills is its own.
+//! It runs on one thread, waiting on the control pipe and on a pidfd of the step with `poll`
+//! (a thread more would count against the build user's process limit), and it was started as
+//! the build user when the daemon has one, so everything it kills is its own.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -22,8 +24,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use landlock::{
-    Access, AccessFs, AccessNet, CompatLevel, Compatible, NetPort, PathBeneath, PathFd, Ruleset,
-    RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
+    Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, NetPort, PathBeneath,
+    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -197,8 +199,8 @@ pub fn main(args: &[OsString]) -> ! {
     }
     if conf.landlock != LandlockMode::Off {
         match confine(&conf) {
-            Ok(RulesetStatus::FullyEnforced) => {}
-            Ok(status) if conf.landlock == LandlockMode::Required => fail(format!(
+            Ok((RulesetStatus::FullyEnforced, _)) => {}
+            Ok((status, _)) if conf.landlock == LandlockMode::Required => fail(format!(
                 "Landlock is required but the kernel enforces it only {}",
                 describe(status)
             )),
@@ -446,8 +448,10 @@ fn describe(status: RulesetStatus) -> &'static str {
     }
 }
 
-/// What Landlock enforces on this kernel for a step's ruleset: "fully enforced", "partially
-/// enforced" or "not enforced". Run in a throwaway process (it confines the caller).
+/// What Landlock enforces on this kernel for a step's ruleset ("landlock fully enforced",
+/// "partially enforced", "not enforced" or "unavailable: ..."), and on a second line the ABI
+/// the kernel offers (`abi 4`; 0 without Landlock). Run in a throwaway process (it confines
+/// the caller); [`ProbeAnswer::parse`] reads it.
 fn probe() -> String {
     let conf = Confinement {
         landlock: LandlockMode::BestEffort,
@@ -459,13 +463,71 @@ fn probe() -> String {
         file_size: None,
     };
     match confine(&conf) {
-        Ok(s) => format!("landlock {} enforced", describe(s)),
-        Err(e) => format!("landlock unavailable: {e}"),
+        Ok((s, abi)) => format!("landlock {} enforced\nabi {abi}", describe(s)),
+        Err(e) => format!("landlock unavailable: {e}\nabi 0"),
     }
 }
 
-/// Confines this process (and so the step it starts) with Landlock.
-fn confine(conf: &Confinement) -> Result<RulesetStatus, String> {
+/// The supervisor's answer to `--probe`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeAnswer {
+    /// E.g. "landlock partially enforced".
+    pub status: String,
+    /// The Landlock ABI of the kernel, 0 without Landlock; `None` from a supervisor that does
+    /// not say (an older binary set as `step_supervisor`).
+    pub abi: Option<u32>,
+}
+
+impl ProbeAnswer {
+    pub fn parse(out: &str) -> ProbeAnswer {
+        let mut lines = out.lines().map(str::trim);
+        ProbeAnswer {
+            status: lines.next().unwrap_or_default().to_owned(),
+            abi: lines.find_map(|l| l.strip_prefix("abi ")?.parse().ok()),
+        }
+    }
+
+    pub fn fully_enforced(&self) -> bool {
+        self.status.contains("fully enforced")
+    }
+
+    /// What steps are still kept from, and what they are not, when Landlock is not fully
+    /// enforced; `ports` says whether `step_tcp_ports` limits connections at all. Empty when
+    /// it is fully enforced.
+    pub fn shortfall(&self, ports: bool) -> String {
+        if self.fully_enforced() {
+            return String::new();
+        }
+        let abi = match self.abi {
+            Some(abi) if abi >= 1 && self.status.contains("partially enforced") => abi,
+            Some(_) => {
+                return "steps are not confined at all: they may write wherever the user may, read the hidden paths, and connect to any port (Landlock needs Linux 5.13+ with landlock in the lsm= boot parameter)".into()
+            }
+            None => {
+                return "steps are not fully confined to their directories and ports (all of it needs Landlock ABI 5, Linux 6.10+)".into()
+            }
+        };
+        let mut missing = Vec::new();
+        if abi < 3 {
+            missing.push("they may truncate any file the user may write (ABI 3, Linux 6.2)");
+        }
+        if abi < 4 && ports {
+            missing.push("their TCP connects are not limited to step_tcp_ports (ABI 4, Linux 6.7)");
+        }
+        if abi < 5 {
+            missing.push("their ioctls on devices are not restricted (ABI 5, Linux 6.10)");
+        }
+        format!(
+            "ABI {abi}: steps still write only to their build, cache and tmp and cannot read the hidden paths{}, but {}",
+            if abi >= 4 && ports { ", and connect only to step_tcp_ports" } else { "" },
+            missing.join("; ")
+        )
+    }
+}
+
+/// Confines this process (and so the step it starts) with Landlock; returns how much of the
+/// ruleset the kernel enforces and the Landlock ABI it offers (0 without Landlock).
+fn confine(conf: &Confinement) -> Result<(RulesetStatus, u32), String> {
     let err = |e: &dyn std::fmt::Display| e.to_string();
     let abi = TARGET_ABI;
     // Only what exists can be hidden; with nothing to hide, reads are not restricted at all.
@@ -519,7 +581,14 @@ fn confine(conf: &Confinement) -> Result<RulesetStatus, String> {
         }
     }
     let status = created.restrict_self().map_err(|e| err(&e))?;
-    Ok(status.ruleset)
+    let abi = match status.landlock {
+        LandlockStatus::Available {
+            effective_abi,
+            kernel_abi,
+        } => kernel_abi.map_or(effective_abi as u32, |v| u32::try_from(v).unwrap_or(0)),
+        _ => 0,
+    };
+    Ok((status.ruleset, abi))
 }
 
 /// Read rules for the whole file system but the `hidden` paths: at each directory on the way
@@ -587,6 +656,51 @@ mod tests {
         assert_eq!(command, [OsString::from("pip"), OsString::from("install")]);
         assert!(Confinement::from_args(&["--bogus".into()]).is_err());
         assert!(Confinement::from_args(&["--port".into(), "70000".into(), "--".into()]).is_err());
+    }
+
+    #[test]
+    fn a_partial_landlock_warning_names_exactly_what_the_kernels_abi_lacks() {
+        let at = |abi: u32| ProbeAnswer::parse(&format!("landlock partially enforced\nabi {abi}"));
+        let v1 = at(1).shortfall(true);
+        assert!(
+            v1.starts_with("ABI 1: steps still write only to their build"),
+            "{v1}"
+        );
+        for lacks in ["truncate", "TCP connects", "ioctls on devices"] {
+            assert!(v1.contains(lacks), "{v1}");
+        }
+        let v3 = at(3).shortfall(true);
+        assert!(
+            !v3.contains("truncate") && v3.contains("TCP connects"),
+            "{v3}"
+        );
+        assert!(v3.contains("ioctls on devices"), "{v3}");
+        let v4 = at(4).shortfall(true);
+        assert_eq!(
+            v4,
+            "ABI 4: steps still write only to their build, cache and tmp and cannot read the \
+             hidden paths, and connect only to step_tcp_ports, but their ioctls on devices are \
+             not restricted (ABI 5, Linux 6.10)"
+        );
+        let v3_any_port = at(3).shortfall(false);
+        assert!(
+            !v3_any_port.contains("TCP"),
+            "no ports are asked for: {v3_any_port}"
+        );
+
+        let full = ProbeAnswer::parse("landlock fully enforced\nabi 7\n");
+        assert_eq!(
+            (full.fully_enforced(), full.shortfall(true)),
+            (true, String::new())
+        );
+        let none = ProbeAnswer::parse("landlock not enforced\nabi 0").shortfall(true);
+        assert!(none.starts_with("steps are not confined at all"), "{none}");
+        let unavailable = ProbeAnswer::parse("landlock unavailable: x\nabi 0");
+        assert_eq!(unavailable.status, "landlock unavailable: x");
+        assert!(unavailable.shortfall(true).contains("not confined at all"));
+        let old_supervisor = ProbeAnswer::parse("landlock partially enforced");
+        assert_eq!(old_supervisor.abi, None);
+        assert!(old_supervisor.shortfall(true).contains("ABI 5"));
     }
 
     #[test]

@@ -95,7 +95,8 @@ pub enum Command {
         runtime: Option<String>,
     },
     /// Verify ready environments now; exit status 1 when any was found broken (it is then
-    /// `outdated` and a running daemon rebuilds it).
+    /// `outdated` and a running daemon rebuilds it) or could not be checked on this host, 2
+    /// when the checks may not run as configured (a build user without the capabilities).
     Verify {
         /// Every ready environment, whatever the age of its last check.
         #[arg(long, conflicts_with_all = ["stale", "pack"])]
@@ -449,7 +450,7 @@ pub async fn remove(
     Ok(())
 }
 
-/// `packenvd verify`; returns whether anything was found broken.
+/// `packenvd verify`; returns whether anything was found broken or could not be checked.
 pub async fn verify(
     pool: &PgPool,
     settings: &Settings,
@@ -464,11 +465,18 @@ pub async fn verify(
         (false, None) => Scope::Stale,
     };
     let findings = crate::verify::run_pass(pool, settings, &scope).await?;
-    let mut broken = 0;
+    let (mut broken, mut unchecked) = (0, 0);
     for f in &findings {
-        match &f.failure {
-            None => println!("ok      {} {}", f.pack_ref, f.runtime_ref),
-            Some(reason) => {
+        match (&f.failure, &f.unchecked) {
+            (_, Some(reason)) => {
+                unchecked += 1;
+                println!(
+                    "UNCHECKED {} {}: {reason} (left as it was)",
+                    f.pack_ref, f.runtime_ref
+                );
+            }
+            (None, None) => println!("ok      {} {}", f.pack_ref, f.runtime_ref),
+            (Some(reason), None) => {
                 broken += 1;
                 println!(
                     "BROKEN  {} {}: {reason} (now outdated: it will be rebuilt)",
@@ -478,10 +486,36 @@ pub async fn verify(
         }
     }
     println!(
-        "{} environment(s) verified, {broken} broken",
-        findings.len()
+        "{} environment(s) verified, {broken} broken{}",
+        findings.len() - unchecked,
+        if unchecked > 0 {
+            format!(", {unchecked} could not be checked")
+        } else {
+            String::new()
+        }
     );
-    Ok(broken > 0)
+    Ok(broken > 0 || unchecked > 0)
+}
+
+/// What the daemon checks at start that checks need too: its envs root (checks refuse one of
+/// another user, which is what running `verify` as root finds), and a build user it may switch
+/// to and give files to. Without them every check would fail and send healthy environments to
+/// `outdated`.
+async fn may_verify(settings: &Settings) -> Result<(), String> {
+    let root = settings.envs_root.clone();
+    match packenv_core::blocking(move || packenv_core::layout::EnvsRoot::open(&root, false)).await {
+        Ok(Some(_)) => {}
+        Ok(None) => {
+            return Err(format!(
+                "envs root {} does not exist (is this the daemon's configuration?)",
+                settings.envs_root.display()
+            ))
+        }
+        Err(e) => return Err(format!("{e}: run packenvd verify as the daemon's user")),
+    }
+    crate::hardening::Protections::detect(settings)
+        .await
+        .map(|_| ())
 }
 
 /// Runs the parsed command line; returns the process's exit status. Configuration errors exit
@@ -491,19 +525,14 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
     // Before any thread exists and before the secret is read (DESIGN §6).
     let hardening = crate::hardening::harden_process();
     let require_db = !matches!(cli.command, Command::CheckConfig(_));
-    let mut loaded = match load_settings(&cli, require_db) {
+    let loaded = match load_settings(&cli, require_db) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("packenvd: configuration error: {}", crate::error::chain(&e));
             return ExitCode::from(2);
         }
     };
-    if let Some(file) = cli.config.clone().or_else(|| {
-        Some(std::path::PathBuf::from(crate::config::DEFAULT_CONFIG_FILE)).filter(|p| p.exists())
-    }) {
-        loaded.settings.step_hidden.push(file.display().to_string());
-    }
-    crate::hardening::forget_secrets();
+    let forgotten = crate::hardening::forget_secrets();
     let filter = crate::logging::init(cli.log_format, &loaded.settings.log_level);
     for w in loaded.warnings.iter().chain(&hardening) {
         tracing::warn!("{w}");
@@ -519,7 +548,7 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(dispatch(&cli, loaded.settings, filter)) {
+    match runtime.block_on(dispatch(&cli, loaded.settings, forgotten, filter)) {
         Ok(code) => code,
         Err(e) => {
             eprintln!("packenvd: {e:#}");
@@ -531,13 +560,15 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
 async fn dispatch(
     cli: &Cli,
     settings: Settings,
+    forgotten: crate::hardening::Forgotten,
     filter: crate::logging::LogFilter,
 ) -> anyhow::Result<std::process::ExitCode> {
     use std::process::ExitCode;
     let pool_size = u32::try_from(settings.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(4);
-    let pool = store::connect(settings.database_url.expose(), pool_size)
+    let password = forgotten.pg_password.as_ref().map(|p| p.expose());
+    let pool = store::connect_with_password(settings.database_url.expose(), password, pool_size)
         .await
         .context("cannot connect to the database (DATABASE_URL)")?;
     match &cli.command {
@@ -600,6 +631,10 @@ async fn dispatch(
             pack,
             runtime,
         } => {
+            if let Err(e) = may_verify(&settings).await {
+                eprintln!("packenvd: refusing to verify: {e}");
+                return Ok(ExitCode::from(2));
+            }
             if verify(&pool, &settings, *all, pack.clone(), runtime.clone()).await? {
                 return Ok(ExitCode::from(1));
             }

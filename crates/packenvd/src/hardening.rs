@@ -20,16 +20,70 @@ pub fn harden_process() -> Vec<String> {
 /// configuration is loaded, so nothing started later can inherit them by mistake.
 pub const SECRET_VARS: &[&str] = &["DATABASE_URL", "PACKENVD_DATABASE_URL", "PGPASSWORD"];
 
-/// Removes [`SECRET_VARS`] from the environment. Call it before any other thread starts.
-pub fn forget_secrets() {
+/// What [`forget_secrets`] took out of the environment that the database library would have
+/// read from it when it connects. Of the variables sqlx's `PgConnectOptions` reads (`PGHOST`,
+/// `PGHOSTADDR`, `PGPORT`, `PGUSER`, `PGDATABASE`, `PGPASSWORD`, `PGSSLMODE`, `PGSSLROOTCERT`,
+/// `PGSSLCERT`, `PGSSLKEY`, `PGAPPNAME`, `PGOPTIONS`, `PGPASSFILE`), only `PGPASSWORD` holds a
+/// secret, so only it is scrubbed and kept here.
+#[derive(Debug, Default, Clone)]
+pub struct Forgotten {
+    /// `PGPASSWORD`: the password when the URL has none (before `~/.pgpass`, as in libpq).
+    pub pg_password: Option<crate::config::Secret>,
+}
+
+/// Removes [`SECRET_VARS`] from the environment and returns what the database connection
+/// still needs of them. Call it before any other thread starts.
+pub fn forget_secrets() -> Forgotten {
+    let pg_password = std::env::var("PGPASSWORD")
+        .ok()
+        .filter(|p| !p.is_empty())
+        .map(crate::config::Secret::new);
     for var in SECRET_VARS {
         std::env::remove_var(var);
     }
+    Forgotten { pg_password }
 }
 
 /// Whether this process is dumpable (false once [`harden_process`] ran).
 pub fn is_dumpable() -> bool {
     nix::sys::prctl::get_dumpable().unwrap_or(true)
+}
+
+/// What a daemon with a build user needs, as the errors that refuse to start without it say.
+const BUILD_USER_NEEDS: &str =
+    "it needs CAP_SETUID, CAP_SETGID and CAP_CHOWN (see deploy/packenvd.service)";
+
+/// Gives a scratch file in `tmp_root` to the build user and takes it back, as every build
+/// does with its directories (CAP_CHOWN): a daemon that cannot would fail every build and
+/// every check, so it is found out before the first.
+fn can_give_files(tmp_root: &std::path::Path, uid: u32, gid: u32) -> Result<(), String> {
+    use rustix::fs::{AtFlags, Gid, Mode, OFlags, Uid};
+    let cannot = |what: &str, e: &dyn std::fmt::Display| {
+        format!("cannot {what} {}: {e}", tmp_root.display())
+    };
+    std::fs::create_dir_all(tmp_root).map_err(|e| cannot("create", &e))?;
+    let root = rustix::fs::open(
+        tmp_root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| cannot("open", &e))?;
+    let name = format!(".chown-check-{}", std::process::id());
+    let _ = rustix::fs::unlinkat(&root, name.as_str(), AtFlags::empty());
+    let file = rustix::fs::openat(
+        &root,
+        name.as_str(),
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(|e| cannot("create a file in", &e))?;
+    let me = (rustix::process::geteuid(), rustix::process::getegid());
+    let given = rustix::fs::fchown(&file, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))
+        .and_then(|()| rustix::fs::fchown(&file, Some(me.0), Some(me.1)));
+    let _ = rustix::fs::unlinkat(&root, name.as_str(), AtFlags::empty());
+    given.map_err(|e| {
+        format!("build_user is set, but this daemon may not give files to it (chown: {e}): {BUILD_USER_NEEDS}")
+    })
 }
 
 /// What protects the host from the steps of this daemon, found out at start-up.
@@ -44,7 +98,7 @@ pub struct Protections {
 impl Protections {
     /// Checks each protection the settings ask for; an error when one that is required is
     /// not available (Landlock with `landlock = "required"`, a build user the daemon cannot
-    /// switch to).
+    /// switch to or give files to). `packenvd verify` asks the same before it checks anything.
     pub async fn detect(settings: &crate::config::Settings) -> Result<Protections, String> {
         let mut p = Protections {
             active: Vec::new(),
@@ -87,7 +141,7 @@ impl Protections {
                 if sandbox.user.is_some() && e.kind() == std::io::ErrorKind::PermissionDenied =>
             {
                 return Err(format!(
-                    "build_user is set, but this daemon may not switch to it ({e}): it needs CAP_SETUID and CAP_SETGID (see deploy/packenvd.service)"
+                    "build_user is set, but this daemon may not switch to it ({e}): {BUILD_USER_NEEDS}"
                 ))
             }
             Ok(Err(e)) => {
@@ -98,7 +152,13 @@ impl Protections {
             }
             Err(_) => return Err("the step supervisor did not answer within 10 s".into()),
         };
-        let landlock = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if let Some((uid, gid)) = sandbox.user {
+            let tmp_root = settings.build_config().tmp_root();
+            packenv_core::blocking(move || can_give_files(&tmp_root, uid, gid)).await?;
+        }
+        let probed =
+            packenv_core::supervise::ProbeAnswer::parse(&String::from_utf8_lossy(&out.stdout));
+        let landlock = &probed.status;
         p.active.push(format!(
             "steps supervised by {} (every process a step starts dies with it)",
             sandbox.supervisor[0].to_string_lossy()
@@ -120,7 +180,8 @@ impl Protections {
             ),
         }
         use packenv_core::supervise::LandlockMode;
-        match (sandbox.landlock, landlock.contains("fully enforced")) {
+        let shortfall = probed.shortfall(sandbox.tcp_ports.is_some());
+        match (sandbox.landlock, probed.fully_enforced()) {
             (LandlockMode::Off, _) => p.missing.push(
                 "landlock = off: steps may write anywhere the user may, and connect anywhere"
                     .into(),
@@ -134,12 +195,10 @@ impl Protections {
             )),
             (LandlockMode::Required, false) => {
                 return Err(format!(
-                    "landlock = \"required\", but on this kernel: {landlock}"
+                    "landlock = \"required\", but on this kernel: {landlock} ({shortfall})"
                 ))
             }
-            (LandlockMode::BestEffort, false) => p.missing.push(format!(
-                "{landlock}: steps are not confined to their directories and ports (kernel 5.13+ with Landlock, 6.7+ for ports)"
-            )),
+            (LandlockMode::BestEffort, false) => p.missing.push(format!("{landlock}: {shortfall}")),
         }
         Ok(p)
     }

@@ -352,3 +352,87 @@ async fn a_build_whose_claim_was_lost_never_changes_what_env_path_serves(pool: P
         json!(first_dir.display().to_string())
     );
 }
+
+#[sqlx::test(migrations = false)]
+async fn directories_a_step_made_unreadable_are_still_taken_back_and_removed(_pool: PgPool) {
+    if !is_root() {
+        eprintln!("skipped: running the daemon as another user with capabilities needs root");
+        return;
+    }
+    // The shipped setup: without CAP_DAC_OVERRIDE, the daemon can neither enter nor empty a
+    // directory of mode 000 until it owns it and gives itself the rights.
+    let (cluster, pool) = reachable_database().await;
+    let url = cluster.url();
+    let env = Env::new(&[]);
+    hand_to_daemon_user(&env, DAEMON_UID);
+    let lock = "for d in {env_path} \"$HOME\" \"$TMPDIR\"; do \
+                  mkdir -p \"$d/x/y\" && touch \"$d/x/y/f\" && chmod 000 \"$d/x/y\" \"$d/x\"; \
+                done";
+    add_runtime(&pool, "t.fail", shell_runtime(&format!("{lock}; exit 1"))).await;
+    add_runtime(&pool, "t.ok", shell_runtime(lock)).await;
+    let mut ids = Vec::new();
+    for (p, rt) in [("f", "t.fail"), ("k", "t.ok")] {
+        env.pack_dir(p, &[]);
+        add_pack(&pool, p).await;
+        ids.push(request(&pool, p, rt).await);
+    }
+    let build_user = format!("{BUILD_UID}:{BUILD_UID}");
+    let vars = [
+        ("PACKENVD_BUILD_USER", build_user.as_str()),
+        ("PACKENVD_MAX_ATTEMPTS", "1"),
+    ];
+    let d = Daemon::spawn_with_caps(&env, &url, "a", DAEMON_UID, UNIT_CAPS, &vars);
+    let pid = d.child.id();
+    eventually(Duration::from_secs(30), "both builds", || async {
+        let mut done = true;
+        for id in &ids {
+            done &= matches!(status_of(&pool, *id).await.as_str(), "ready" | "failed");
+        }
+        done || has_exited(pid)
+    })
+    .await;
+    let failed = row(&pool, ids[0]).await;
+    assert_eq!(failed.status, "failed", "{}", d.output());
+    let error = failed.install_error.unwrap();
+    assert!(error.contains("step 'script'"), "{error}\n{}", d.output());
+    let ready = row(&pool, ids[1]).await;
+    assert_eq!(
+        ready.status,
+        "ready",
+        "{:?}\n{}",
+        ready.install_error,
+        d.output()
+    );
+    let builds = |p: &str| {
+        std::fs::read_dir(env.envs_root().join(p))
+            .map(|d| {
+                d.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.starts_with(".t."))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(builds("f"), Vec::<String>::new(), "the failed build stayed");
+    assert_eq!(
+        private_tmps(&env),
+        Vec::<String>::new(),
+        "a build's tmp stayed"
+    );
+
+    // The ready one: removed on request, by the daemon's user.
+    let out = run_as(&env, &url, DAEMON_UID, "", &["remove", "k"], &vars);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        builds("k"),
+        Vec::<String>::new(),
+        "the removed build stayed"
+    );
+    drop(d);
+    pool.close().await;
+}

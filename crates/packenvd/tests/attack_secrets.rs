@@ -167,3 +167,43 @@ async fn a_step_finds_no_database_secret_in_the_daemons_environment_memory_descr
     );
     pool.close().await;
 }
+
+#[sqlx::test(migrations = false)]
+async fn pgpassword_still_supplies_the_password_though_it_is_scrubbed_from_the_environment(
+    _pool: PgPool,
+) {
+    let password = format!("pw-{}", uuid::Uuid::new_v4().simple());
+    let cluster = PrivateCluster::start_with_password(&password);
+    let with_password = cluster.url();
+    let pool = PgPool::connect(&with_password).await.unwrap();
+    packenvd::store::MIGRATOR.run(&pool).await.unwrap();
+    let without_password = with_password.replacen(&format!(":{password}@"), "@", 1);
+    assert_ne!(without_password, with_password);
+
+    let env = Env::new(&[]);
+    // No ~/.pgpass or PGPASSFILE to supply it instead.
+    let home = env.dir.path().join("home");
+    std::fs::create_dir(&home).unwrap();
+    let status = |pgpassword: Option<&str>| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
+        cmd.arg("status")
+            .env("DATABASE_URL", &without_password)
+            .env("HOME", &home)
+            .env_remove("PGPASSFILE")
+            .env_remove("PGPASSWORD");
+        if let Some(p) = pgpassword {
+            cmd.env("PGPASSWORD", p);
+        }
+        cmd.output().unwrap()
+    };
+    let out = status(Some(&password));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("0 environment(s)"));
+    let out = status(None);
+    assert!(!out.status.success(), "the server asks for a password");
+    pool.close().await;
+}

@@ -268,3 +268,103 @@ async fn json_logs_carry_the_row_on_every_state_change(pool: PgPool) {
         );
     }
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn the_config_file_is_hidden_from_steps_before_and_after_a_reload(pool: PgPool) {
+    let env = Env::new(&[]);
+    let config = env.dir.path().join("packenvd.toml");
+    let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
+    std::fs::write(&config, format!("poll_interval = \"200ms\"\n# {marker}\n")).unwrap();
+    let peek = format!("cat {} > {{env_path}}/peek 2>&1; true", config.display());
+    add_runtime(&pool, "t.peek", shell_runtime(&peek)).await;
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "t.peek").await;
+    let url = database_url(&pool);
+    // A relative --config, as an operator may type it.
+    let d = Daemon::spawn_in(
+        &env,
+        &url,
+        "a",
+        &[],
+        &["--config", "packenvd.toml"],
+        env.dir.path(),
+    );
+    let peeked = |build: Option<String>| {
+        let pool = &pool;
+        async move {
+            eventually(Duration::from_secs(15), "a build", || async {
+                let r = row(pool, id).await;
+                r.status == "ready" && r.metadata["build_dir"].as_str() != build.as_deref()
+            })
+            .await;
+            let build = row(pool, id).await.metadata["build_dir"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let seen = std::fs::read_to_string(format!("{build}/peek")).unwrap();
+            (build, seen)
+        }
+    };
+    let (first, seen) = peeked(None).await;
+    assert!(
+        seen.contains("Permission denied") && !seen.contains(&marker),
+        "{seen}"
+    );
+
+    std::fs::write(&config, format!("poll_interval = \"300ms\"\n# {marker}\n")).unwrap();
+    d.signal(Signal::SIGHUP);
+    eventually(Duration::from_secs(5), "the reload", || async {
+        d.output().contains("reloaded")
+    })
+    .await;
+    sqlx::query("UPDATE pack_environment SET status = 'pending' WHERE id = $1")
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let (_, seen) = peeked(Some(first)).await;
+    assert!(
+        seen.contains("Permission denied") && !seen.contains(&marker),
+        "after the reload: {seen}\n{}",
+        d.output()
+    );
+}
+
+#[test]
+fn check_config_with_a_relative_config_file_prints_a_file_that_loads_back_unchanged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("packenvd.toml"),
+        "step_hidden = [\"/srv/private\"]\n",
+    )
+    .unwrap();
+    let check_config = |file: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"))
+            .args(["--config", file, "check-config"])
+            .current_dir(dir.path())
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "check-config --config {file}: {stderr}"
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let step_hidden = |toml: &str| {
+        toml.lines()
+            .find(|l| l.starts_with("step_hidden ="))
+            .unwrap()
+            .split("    #")
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    let first = check_config("packenvd.toml");
+    assert_eq!(step_hidden(&first), "step_hidden = [\"/srv/private\"]");
+    std::fs::write(dir.path().join("out.toml"), &first).unwrap();
+    let second = check_config("out.toml");
+    assert_eq!(step_hidden(&second), step_hidden(&first));
+}

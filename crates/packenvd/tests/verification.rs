@@ -139,6 +139,50 @@ async fn a_healthy_stale_environment_is_marked_verified(pool: PgPool) {
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn checks_that_cannot_run_on_this_host_leave_a_healthy_environment_ready_and_unchecked(
+    pool: PgPool,
+) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    make_stale(&pool).await;
+    // Where checks make their private tmp, something that is not a directory: a fault of the
+    // host, not of the environment.
+    let tmp_root = env.settings.cache_dir.join(".tmp");
+    std::fs::remove_dir_all(&tmp_root).unwrap();
+    std::fs::write(&tmp_root, "not a directory").unwrap();
+
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert!(found[0].failure.is_none(), "{found:?}");
+    let reason = found[0].unchecked.clone().expect("unchecked");
+    assert!(
+        reason.contains("cannot run here") && !reason.contains("spec"),
+        "{reason}"
+    );
+    let (status, error, still_stale): (String, Option<String>, bool) = sqlx::query_as(
+        "SELECT status::text, install_error, last_verified < now() - interval '7 days'
+         FROM pack_environment WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(status, "ready");
+    assert_eq!(error, None);
+    assert!(still_stale, "an unchecked row must not count as verified");
+
+    // Once the host is fixed, the next pass checks it.
+    std::fs::remove_file(&tmp_root).unwrap();
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    assert_eq!(found.len(), 1);
+    assert!(
+        found[0].failure.is_none() && found[0].unchecked.is_none(),
+        "{found:?}"
+    );
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn an_edited_requirements_txt_makes_the_row_outdated_because_inputs_changed(pool: PgPool) {
     let env = Env::new(&[]);
     add_runtime(&pool, "t.tool", tool_runtime()).await;

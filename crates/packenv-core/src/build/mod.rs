@@ -82,11 +82,7 @@ impl Switch {
         let result = match previous {
             Some(p) if p != self.build_dir => self.loc.switch_to(p).map(|_| ()),
             Some(_) => Ok(()),
-            None => std::fs::remove_file(&self.loc.env_path).map_err(|source| LayoutError::Io {
-                what: "cannot remove",
-                path: self.loc.env_path.clone(),
-                source,
-            }),
+            None => self.loc.remove_link(),
         };
         if let Err(e) = result {
             tracing::warn!(env_path = %self.loc.env_path.display(), error = %e, "cannot undo a switch");
@@ -98,10 +94,8 @@ impl Switch {
         if self.loc.current_build().as_deref() == Some(self.build_dir.as_path()) {
             return;
         }
-        if let Err(e) = std::fs::remove_dir_all(&self.build_dir) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!(build_dir = %self.build_dir.display(), error = %e, "cannot remove a discarded build");
-            }
+        if let Err(e) = self.loc.remove_build(&self.build_dir) {
+            tracing::warn!(build_dir = %self.build_dir.display(), error = %e, "cannot remove a discarded build");
         }
     }
 }
@@ -244,7 +238,7 @@ impl Scratch {
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
         let (cache, tmp) = (cache.map(Path::to_owned), tmp.to_owned());
-        let root = tmp_root.clone();
+        let (root, name) = (tmp_root.clone(), tmp_name.clone());
         blocking(move || {
             let io = |what: &'static str, path: &Path| {
                 let path = path.to_owned();
@@ -256,16 +250,49 @@ impl Scratch {
             // Nobody else may use or list another build's tmp.
             std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o711))
                 .map_err(io("cannot set the mode of", &root))?;
-            let _ = crate::fsat::remove_all_at(
-                std::fs::File::open(&root).map_err(io("cannot open", &root))?,
-                tmp.file_name().and_then(|n| n.to_str()).unwrap_or_default(),
-            );
-            std::fs::create_dir(&tmp).map_err(io("cannot create", &tmp))?;
-            std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o700))
-                .map_err(io("cannot set the mode of", &tmp))?;
-            std::fs::create_dir(tmp.join("home")).map_err(io("cannot create", &tmp))?;
+            let root_fd = open_dir(&root).map_err(io("cannot open", &root))?;
+            // A leftover of the same name (a pid reused after a crash); if it cannot go, the
+            // mkdir below says so.
+            let _ = take_back_and_remove(&root_fd, &name);
+            rustix::fs::mkdirat(
+                &root_fd,
+                name.as_str(),
+                rustix::fs::Mode::from_raw_mode(0o700),
+            )
+            .map_err(|e| io("cannot create", &tmp)(e.into()))?;
+            let made = (|| {
+                let tmp_fd =
+                    crate::fsat::open_dir_at(&root_fd, &name).map_err(io("cannot open", &tmp))?;
+                let mode = rustix::fs::Mode::from_raw_mode(0o700);
+                rustix::fs::fchmod(&tmp_fd, mode)
+                    .map_err(|e| io("cannot set the mode of", &tmp)(e.into()))?;
+                let home = tmp.join("home");
+                rustix::fs::mkdirat(&tmp_fd, "home", mode)
+                    .map_err(|e| io("cannot create", &home)(e.into()))?;
+                let home_fd =
+                    crate::fsat::open_dir_at(&tmp_fd, "home").map_err(io("cannot open", &home))?;
+                if let Some((uid, gid)) = user {
+                    // Through descriptors opened while both were the daemon's, and `home`
+                    // first: once `<tmp>` (0700) is the build user's, a daemon without
+                    // CAP_DAC_OVERRIDE can no longer look anything up inside it.
+                    let (uid, gid) = (
+                        Some(rustix::fs::Uid::from_raw(uid)),
+                        Some(rustix::fs::Gid::from_raw(gid)),
+                    );
+                    for (fd, path) in [(&home_fd, &home), (&tmp_fd, &tmp)] {
+                        rustix::fs::fchown(fd, uid, gid)
+                            .map_err(|e| io("cannot give the build user", path)(e.into()))?;
+                    }
+                }
+                Ok::<(), BuildError>(())
+            })();
+            if made.is_err() {
+                // Half made: it would stay in the tmp root forever.
+                let _ = take_back_and_remove(&root_fd, &name);
+            }
+            made?;
             if let Some((uid, gid)) = user {
-                for dir in cache.iter().chain([&tmp, &tmp.join("home")]) {
+                if let Some(dir) = &cache {
                     std::os::unix::fs::lchown(dir, Some(uid), Some(gid))
                         .map_err(io("cannot give the build user", dir))?;
                 }
@@ -279,24 +306,35 @@ impl Scratch {
     /// Removes the private tmp, whatever was left in it (never following a symlink).
     pub(crate) async fn remove(self) {
         blocking(move || {
-            let Ok(root) = rustix::fs::open(
-                &self.tmp_root,
-                rustix::fs::OFlags::RDONLY
-                    | rustix::fs::OFlags::DIRECTORY
-                    | rustix::fs::OFlags::NOFOLLOW
-                    | rustix::fs::OFlags::CLOEXEC,
-                rustix::fs::Mode::empty(),
-            ) else {
+            let Ok(root) = open_dir(&self.tmp_root) else {
                 return;
             };
-            let (uid, gid) = daemon_ids();
-            let _ = crate::fsat::chown_all_at(&root, &self.tmp_name, uid, gid);
-            if let Err(e) = crate::fsat::remove_all_at(&root, &self.tmp_name) {
+            if let Err(e) = take_back_and_remove(&root, &self.tmp_name) {
                 tracing::warn!(tmp = %self.tmp_root.join(&self.tmp_name).display(), error = %e, "cannot remove a build's tmp");
             }
         })
         .await;
     }
+}
+
+/// Opens a directory, never through a symlink.
+fn open_dir(path: &Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    Ok(rustix::fs::open(
+        path,
+        rustix::fs::OFlags::RDONLY
+            | rustix::fs::OFlags::DIRECTORY
+            | rustix::fs::OFlags::NOFOLLOW
+            | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )?)
+}
+
+/// Gives `name` in `dir`, and all in it, back to the daemon (the build user may own it, mode
+/// 0700), then removes it.
+fn take_back_and_remove(dir: &std::os::fd::OwnedFd, name: &str) -> std::io::Result<()> {
+    let (uid, gid) = daemon_ids();
+    let _ = crate::fsat::chown_all_at(dir, name, uid, gid);
+    crate::fsat::remove_all_at(dir, name)
 }
 
 async fn digest(plan: &Plan) -> Result<String, BuildError> {
@@ -493,5 +531,39 @@ pub fn mark_superseded(dir: &Path) {
     let now = std::time::SystemTime::now();
     if let Err(e) = std::fs::File::open(dir).and_then(|f| f.set_modified(now)) {
         tracing::warn!(build_dir = %dir.display(), error = %e, "cannot mark the old build as superseded");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layout::EnvsRoot;
+
+    #[test]
+    fn discard_and_revert_never_follow_a_pack_directory_swapped_for_a_symlink() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("envs");
+        EnvsRoot::open(&root, true).unwrap();
+        let loc = EnvLocation::new(&root, "p", "python", None).unwrap();
+        let build_dir = loc.build_dir("a");
+        // What the pack directory's link leads to looks like a build and its env_path.
+        let outside = tempfile::tempdir().unwrap();
+        let lookalike = outside.path().join(build_dir.file_name().unwrap());
+        std::fs::create_dir(&lookalike).unwrap();
+        std::fs::write(lookalike.join("precious"), "keep me").unwrap();
+        std::os::unix::fs::symlink(".python-a", outside.path().join("python")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), &loc.pack_dir).unwrap();
+
+        let switch = Switch { loc, build_dir };
+        switch.discard();
+        assert!(
+            lookalike.join("precious").exists(),
+            "discard followed the link"
+        );
+        switch.revert(None);
+        assert!(
+            outside.path().join("python").symlink_metadata().is_ok(),
+            "revert followed the link"
+        );
     }
 }

@@ -123,8 +123,15 @@ pub async fn verification(ctx: &Ctx, n: usize) -> anyhow::Result<Verification> {
             .await
         };
         let check = |findings: Vec<packenvd::verify::Finding>| -> anyhow::Result<usize> {
-            if let Some(f) = findings.iter().find(|f| f.failure.is_some()) {
-                bail!("{} failed verification: {:?}", f.pack_ref, f.failure);
+            if let Some(f) = findings
+                .iter()
+                .find(|f| f.failure.is_some() || f.unchecked.is_some())
+            {
+                bail!(
+                    "{} failed verification: {:?}",
+                    f.pack_ref,
+                    f.failure.as_ref().or(f.unchecked.as_ref())
+                );
             }
             Ok(findings.len())
         };

@@ -156,6 +156,17 @@ impl Settings {
             let Some(name) = var.strip_prefix("PACKENVD_") else {
                 continue;
             };
+            if var == "PACKENVD_DATABASE_URL" {
+                // Not read: one name for a URL in the environment is enough (DATABASE_URL, as
+                // sqlx and psql tools spell it), and better none, in a file. It is still
+                // scrubbed from the environment like the others, in case it holds a password.
+                warnings.push(
+                    "environment variable PACKENVD_DATABASE_URL is ignored: set DATABASE_URL, \
+                     or better database_url_file (PACKENVD_DATABASE_URL_FILE)"
+                        .into(),
+                );
+                continue;
+            }
             let name = name.to_lowercase();
             if KEYS.iter().any(|k| k.name == name) || PRIVATE_ENV.contains(&var.as_str()) {
                 continue;
@@ -174,6 +185,11 @@ impl Settings {
             sources: BTreeMap::new(),
         };
         let mut settings = Settings::resolve(&mut r)?;
+        // Absolute: steps run elsewhere, and Landlock takes paths as they are.
+        settings.config_file = r
+            .file_path
+            .as_deref()
+            .map(|p| std::path::absolute(p).unwrap_or_else(|_| p.to_owned()));
         let credential = r
             .layers
             .env
@@ -187,7 +203,9 @@ impl Settings {
             }
         }
         if require_database && settings.database_url.is_empty() {
-            return Err(ConfigError::NoDatabase);
+            return Err(ConfigError::NoDatabase {
+                ignored_packenvd_var: r.layers.env.contains_key("PACKENVD_DATABASE_URL"),
+            });
         }
         Ok(Loaded {
             settings,

@@ -84,6 +84,10 @@ macro_rules! settings {
         #[derive(Debug, Clone)]
         pub struct Settings {
             $( $(#[doc = $doc])+ pub $key: $ty, )*
+            /// The config file these settings were read from, absolute; not a setting. Steps
+            /// may not read it ([`Settings::hidden_paths`]), whatever `step_hidden` says, and
+            /// a reload keeps it: the daemon reads the same file again.
+            pub config_file: Option<PathBuf>,
         }
 
         /// Every setting, in declaration order.
@@ -95,7 +99,7 @@ macro_rules! settings {
             fn resolve(r: &mut Resolver) -> Result<Settings, ConfigError> {
                 Ok(Settings { $(
                     $key: r.get::<$ty>(stringify!($key), || $default, $check)?,
-                )* })
+                )* config_file: None })
             }
 
             /// Every setting's value as the config file would hold it.
@@ -109,7 +113,7 @@ macro_rules! settings {
                 let mut changes = Vec::new();
                 let merged = Settings { $(
                     $key: pick(stringify!($key), Reload::$reload, &self.$key, &new.$key, &mut changes),
-                )* };
+                )* config_file: self.config_file.clone() };
                 (merged, changes)
             }
         }
@@ -344,8 +348,11 @@ pub enum ConfigError {
         origin: Source,
         message: String,
     },
-    #[error("DATABASE_URL is not set (environment, `database_url` in the config file, or --database-url)")]
-    NoDatabase,
+    #[error("DATABASE_URL is not set (environment, `database_url` in the config file, or --database-url){}", if *ignored_packenvd_var { "; PACKENVD_DATABASE_URL is set but not read" } else { "" })]
+    NoDatabase {
+        /// PACKENVD_DATABASE_URL is set: the likely reason, since it is not read.
+        ignored_packenvd_var: bool,
+    },
 }
 
 impl Settings {
@@ -434,6 +441,7 @@ impl Settings {
     /// What steps may not read: the daemon's secrets and configuration wherever they are.
     pub fn hidden_paths(&self) -> Vec<PathBuf> {
         let mut hidden: Vec<PathBuf> = self.step_hidden.iter().map(PathBuf::from).collect();
+        hidden.extend(self.config_file.clone());
         hidden.extend(self.database_url_file.clone());
         hidden.push(PathBuf::from("/etc/packenvd"));
         for var in ["CREDENTIALS_DIRECTORY", "PGPASSFILE"] {

@@ -112,7 +112,7 @@ fn unknown_file_keys_and_missing_database_are_errors() {
         err.contains("`concurency`") && err.contains("did you mean `concurrency`"),
         "{err}"
     );
-    assert!(matches!(load(&[]), Err(ConfigError::NoDatabase)));
+    assert!(matches!(load(&[]), Err(ConfigError::NoDatabase { .. })));
 }
 
 #[test]
@@ -124,6 +124,32 @@ fn an_unknown_packenvd_variable_is_a_warning_naming_the_closest_key() {
         loaded.warnings[0].contains("did you mean PACKENVD_CONCURRENCY"),
         "{:?}",
         loaded.warnings
+    );
+}
+
+#[test]
+fn packenvd_database_url_is_a_warning_that_names_what_to_use_instead() {
+    let loaded = load(&[
+        ("DATABASE_URL", "postgres://a"),
+        ("PACKENVD_DATABASE_URL", "postgres://u:hunter2@b"),
+    ])
+    .unwrap();
+    assert_eq!(loaded.settings.database_url.expose(), "postgres://a");
+    assert_eq!(loaded.warnings.len(), 1, "{:?}", loaded.warnings);
+    let w = &loaded.warnings[0];
+    assert!(
+        w.contains("PACKENVD_DATABASE_URL is ignored")
+            && w.contains("DATABASE_URL,")
+            && w.contains("database_url_file")
+            && !w.contains("hunter2"),
+        "{w}"
+    );
+    let alone = load(&[("PACKENVD_DATABASE_URL", "postgres://b")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        alone.contains("PACKENVD_DATABASE_URL is set but not read"),
+        "{alone}"
     );
 }
 
@@ -229,4 +255,31 @@ fn every_setting_is_a_flag_of_run() {
     let flags = SettingFlags::from_arg_matches(&m).unwrap();
     assert_eq!(flags.0["concurrency"], "5");
     assert_eq!(flags.0["gc_grace"], "2h");
+}
+
+#[test]
+fn the_readme_lists_exactly_the_keys_sighup_applies() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../README.md"),
+    )
+    .unwrap();
+    let start = readme.find("**SIGHUP** reloads the config").unwrap();
+    let end = start + readme[start..].find("\n\n").unwrap();
+    let (live, restart) = readme[start..end].split_once("take effect").unwrap();
+    let named = |text: &str, key: &str| {
+        text.contains(&format!("`{key}`"))
+            || ["gc_", "verify_", "database_url"]
+                .iter()
+                .any(|p| key.starts_with(p) && text.contains(&format!("`{p}*`")))
+    };
+    for k in KEYS {
+        match k.reload {
+            Reload::Live => assert!(named(live, k.name), "{} is reloadable", k.name),
+            Reload::Restart => assert!(
+                !named(live, k.name) && named(restart, k.name),
+                "{} needs a restart",
+                k.name
+            ),
+        }
+    }
 }

@@ -44,15 +44,20 @@ impl Verifier {
                 self.metrics.db_errors.inc();
             })?;
         let broken = found.iter().filter(|f| f.failure.is_some()).count() as u64;
+        let unchecked = found.iter().filter(|f| f.unchecked.is_some()).count() as u64;
         let label = |result| ResultLabel { result };
         self.metrics
             .verifications
             .get_or_create(&label("ok"))
-            .inc_by(found.len() as u64 - broken);
+            .inc_by(found.len() as u64 - broken - unchecked);
         self.metrics
             .verifications
             .get_or_create(&label("failed"))
             .inc_by(broken);
+        self.metrics
+            .verifications
+            .get_or_create(&label("unchecked"))
+            .inc_by(unchecked);
         Ok(Some(found))
     }
 
@@ -64,7 +69,13 @@ impl Verifier {
             Ok(Some(found)) if found.is_empty() => {}
             Ok(Some(found)) => {
                 let broken = found.iter().filter(|f| f.failure.is_some()).count();
-                tracing::info!(verified = found.len(), broken, "verification pass done");
+                let unchecked = found.iter().filter(|f| f.unchecked.is_some()).count();
+                tracing::info!(
+                    verified = found.len() - unchecked,
+                    broken,
+                    unchecked,
+                    "verification pass done"
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %crate::error::chain(e), "verification pass failed")

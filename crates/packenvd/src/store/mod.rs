@@ -54,7 +54,20 @@ pub const WAKEUP_CHANNEL: &str = "packenvd_wakeup";
 
 /// Opens a pool of `max` connections.
 pub async fn connect(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
-    let options: PgConnectOptions = url.parse()?;
+    connect_with_password(url, None, max).await
+}
+
+/// Opens a pool of `max` connections, with `password` when the URL holds none: the
+/// `PGPASSWORD` the daemon took out of its environment before sqlx could read it there.
+pub async fn connect_with_password(
+    url: &str,
+    password: Option<&str>,
+    max: u32,
+) -> Result<PgPool, sqlx::Error> {
+    let mut options: PgConnectOptions = url.parse()?;
+    if let Some(password) = password.filter(|_| !crate::config::has_password(url)) {
+        options = options.password(password);
+    }
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))

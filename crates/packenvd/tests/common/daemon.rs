@@ -4,6 +4,71 @@ use std::path::PathBuf;
 
 use super::Env;
 
+/// The capabilities of deploy/packenvd.service, in setpriv's syntax.
+pub const UNIT_CAPS: &str = "+setuid,+setgid,+chown";
+
+/// The binary where an unprivileged user can reach it, whatever the checkout's modes.
+fn reachable_binary(env: &Env) -> PathBuf {
+    let bin = env.dir.path().join("packenvd");
+    if !bin.exists() {
+        std::fs::copy(env!("CARGO_BIN_EXE_packenvd"), &bin).expect("copy packenvd");
+    }
+    bin
+}
+
+/// The test's directories, database and instance name, as a daemon or a command reads them.
+fn with_settings<'a>(
+    cmd: &'a mut std::process::Command,
+    env: &Env,
+    url: &str,
+    name: &str,
+) -> &'a mut std::process::Command {
+    let s = &env.settings;
+    cmd.env("DATABASE_URL", url)
+        .env("PACKENVD_ENVS_ROOT", &s.envs_root)
+        .env("PACKENVD_PACKS_DIR", &s.packs_dir)
+        .env("PACKENVD_CACHE_DIR", &s.cache_dir)
+        .env("PACKENVD_INSTANCE_NAME", name)
+        .env("PACKENVD_STEP_WRITABLE", env.scratch())
+}
+
+/// `packenvd` (no command yet) as the unprivileged user `uid`, without supplementary groups,
+/// holding `caps` (setpriv's syntax; "" for none) as ambient capabilities.
+pub fn as_user(env: &Env, uid: u32, caps: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new("setpriv");
+    cmd.args([
+        format!("--reuid={uid}"),
+        format!("--regid={uid}"),
+        "--clear-groups".into(),
+    ]);
+    if !caps.is_empty() {
+        cmd.args([
+            format!("--inh-caps={caps}"),
+            format!("--ambient-caps={caps}"),
+        ]);
+    }
+    cmd.arg("--").arg(reachable_binary(env));
+    cmd
+}
+
+/// A `packenvd` command as the unprivileged user `uid` with `caps`, with the test's settings.
+pub fn run_as(
+    env: &Env,
+    url: &str,
+    uid: u32,
+    caps: &str,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = as_user(env, uid, caps);
+    cmd.args(args);
+    with_settings(&mut cmd, env, url, "cli");
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd.output().expect("running packenvd")
+}
+
 /// A `packenvd run` process with its output in a file.
 pub struct Daemon {
     pub child: std::process::Child,
@@ -12,18 +77,23 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn spawn(env: &Env, url: &str, name: &str, vars: &[(&str, &str)], args: &[&str]) -> Daemon {
+        Self::spawn_in(env, url, name, vars, args, std::path::Path::new("."))
+    }
+
+    /// [`Daemon::spawn`] in the working directory `cwd` (where a relative `--config` is).
+    pub fn spawn_in(
+        env: &Env,
+        url: &str,
+        name: &str,
+        vars: &[(&str, &str)],
+        args: &[&str],
+        cwd: &std::path::Path,
+    ) -> Daemon {
         let log = env.dir.path().join(format!("daemon-{name}.log"));
         let out = std::fs::File::create(&log).expect("daemon log");
-        let s = &env.settings;
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
-        cmd.arg("run")
-            .args(args)
-            .env("DATABASE_URL", url)
-            .env("PACKENVD_ENVS_ROOT", &s.envs_root)
-            .env("PACKENVD_PACKS_DIR", &s.packs_dir)
-            .env("PACKENVD_CACHE_DIR", &s.cache_dir)
-            .env("PACKENVD_INSTANCE_NAME", name)
-            .env("PACKENVD_STEP_WRITABLE", env.scratch())
+        cmd.arg("run").args(args).current_dir(cwd);
+        with_settings(&mut cmd, env, url, name)
             .stdout(out.try_clone().expect("dup"))
             .stderr(out);
         for (k, v) in vars {
@@ -47,12 +117,6 @@ impl Daemon {
     ) -> Daemon {
         let log = env.dir.path().join(format!("daemon-{name}.log"));
         let out = std::fs::File::create(&log).expect("daemon log");
-        let s = &env.settings;
-        // The binary where the unprivileged user can reach it, whatever the checkout's modes.
-        let bin = env.dir.path().join("packenvd");
-        if !bin.exists() {
-            std::fs::copy(env!("CARGO_BIN_EXE_packenvd"), &bin).expect("copy packenvd");
-        }
         let mut cmd = std::process::Command::new("sh");
         cmd.arg("-c")
             .arg(format!(
@@ -60,13 +124,34 @@ impl Daemon {
             ))
             .arg("sh")
             .arg(inherited)
-            .arg(&bin)
-            .env("DATABASE_URL", url)
-            .env("PACKENVD_ENVS_ROOT", &s.envs_root)
-            .env("PACKENVD_PACKS_DIR", &s.packs_dir)
-            .env("PACKENVD_CACHE_DIR", &s.cache_dir)
-            .env("PACKENVD_INSTANCE_NAME", name)
-            .env("PACKENVD_STEP_WRITABLE", env.scratch())
+            .arg(reachable_binary(env));
+        with_settings(&mut cmd, env, url, name)
+            .stdout(out.try_clone().expect("dup"))
+            .stderr(out);
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        Daemon {
+            child: cmd.spawn().expect("spawn packenvd"),
+            log,
+        }
+    }
+
+    /// A `packenvd run` process as the unprivileged user `uid` holding the capabilities `caps`
+    /// (setpriv's syntax, e.g. [`UNIT_CAPS`]) as ambient ones, as the systemd unit starts it.
+    pub fn spawn_with_caps(
+        env: &Env,
+        url: &str,
+        name: &str,
+        uid: u32,
+        caps: &str,
+        vars: &[(&str, &str)],
+    ) -> Daemon {
+        let log = env.dir.path().join(format!("daemon-{name}.log"));
+        let out = std::fs::File::create(&log).expect("daemon log");
+        let mut cmd = as_user(env, uid, caps);
+        cmd.arg("run");
+        with_settings(&mut cmd, env, url, name)
             .stdout(out.try_clone().expect("dup"))
             .stderr(out);
         for (k, v) in vars {

@@ -323,3 +323,55 @@ pub fn python(exe: &str, code: &str) -> String {
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
 }
+
+/// The uid the daemon runs as in tests of the shipped setup (nobody).
+pub const DAEMON_UID: u32 = 65534;
+/// A build user distinct from the daemon's: a bare uid:gid, as `build_user` accepts.
+pub const BUILD_UID: u32 = 64123;
+
+/// A database of the test's own that any local user can reach (with a password), migrated:
+/// for a daemon that runs as another user.
+pub async fn reachable_database() -> (PrivateCluster, PgPool) {
+    let cluster = PrivateCluster::start_with_password(&uuid::Uuid::new_v4().simple().to_string());
+    let pool = PgPool::connect(&cluster.url()).await.expect("connect");
+    packenvd::store::MIGRATOR
+        .run(&pool)
+        .await
+        .expect("migrations");
+    (cluster, pool)
+}
+
+/// Makes `env` a place a daemon running as `uid` can work in, as an operator sets it up: its
+/// envs root, cache and scratch directory become that user's; the packs stay root's, readable.
+pub fn hand_to_daemon_user(env: &Env, uid: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    for p in [&env.settings.envs_root, &env.settings.cache_dir] {
+        std::fs::create_dir_all(p).expect("mkdir");
+    }
+    for p in [
+        &env.settings.envs_root,
+        &env.settings.cache_dir,
+        &env.scratch(),
+    ] {
+        give_to(p, uid);
+    }
+    for p in [env.dir.path(), env.settings.packs_dir.as_path()] {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+}
+
+/// The entries of `<cache_dir>/.tmp`, where builds and checks get their private tmp.
+pub fn private_tmps(env: &Env) -> Vec<String> {
+    tree(&env.settings.cache_dir.join(".tmp"))
+}
+
+/// Whether process `pid` (a child not yet waited for) has exited.
+pub fn has_exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
+}
