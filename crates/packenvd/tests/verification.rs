@@ -162,7 +162,7 @@ async fn checks_that_cannot_run_on_this_host_leave_a_healthy_environment_ready_a
     );
     let (status, error, still_stale): (String, Option<String>, bool) = sqlx::query_as(
         "SELECT status::text, install_error, last_verified < now() - interval '7 days'
-         FROM pack_environment WHERE id = $1",
+         FROM pack_environment_node WHERE env_id = $1",
     )
     .bind(id)
     .fetch_one(&pool)
