@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::build::{parse_spec, BuildError, Plan, Scratch};
+use crate::build::{parse_spec, BuildError, Plan, Scratch, Toolchain};
 use crate::fingerprint::{fingerprint, inputs_digest};
 use crate::layout::{EnvLocation, LayoutError};
 use crate::log::{tail_lines, BuildLog};
@@ -58,6 +58,8 @@ pub enum CheckError {
     },
     #[error("inputs changed: the interpreter is now {now:?}, the build was made with {was:?}")]
     InterpreterChanged { now: String, was: String },
+    #[error(transparent)]
+    Interpreter(BuildError),
     #[error("inputs changed: the runtime's installer spec or the pack's dependency manifests differ from the build's")]
     InputsChanged,
     #[error(transparent)]
@@ -115,13 +117,31 @@ pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError>
     // 2. Each executable the spec promises exists in that build and runs, confined, writing
     // only to a private tmp (it runs the environment's code: a `.pth` file, a shebang).
     let tmp = cfg.build.tmp_root().join(check_tmp_name());
-    let plan = Plan::new(&cfg.build, target, installers, &spec, &loc, &build, &tmp)
-        .map_err(CheckError::Spec)?;
+    let pack_path = probe::pack_path(
+        &cfg.build.packs_dir,
+        &target.pack_ref,
+        target.storage_path.as_deref(),
+    );
+    // The interpreter a build would choose now: another one (a newer Python that fits, the
+    // chosen one gone) changes the fingerprint below.
+    let tools = crate::build::interpreter::resolve(
+        &cfg.build,
+        target,
+        &spec,
+        &pack_path,
+        &crate::build::steps_path(&cfg.build),
+    )
+    .await
+    .map_err(CheckError::Interpreter)?;
+    let plan = Plan::new(
+        &cfg.build, target, installers, &spec, &loc, &build, &tmp, &tools,
+    )
+    .map_err(CheckError::Spec)?;
     let user = cfg.build.sandbox.as_ref().and_then(|s| s.user);
     let scratch = Scratch::create(&cfg.build, &tmp, None, user)
         .await
         .map_err(CheckError::Local)?;
-    let result = run_checks(cfg, target, &plan, &build).await;
+    let result = run_checks(cfg, target, &plan, &build, &tools).await;
     scratch.remove().await;
     result
 }
@@ -142,6 +162,7 @@ async fn run_checks(
     target: &Target,
     plan: &Plan,
     build: &Path,
+    tools: &Toolchain,
 ) -> Result<(), CheckError> {
     let cancel = CancellationToken::new();
     let mut versions = BTreeMap::new();
@@ -183,30 +204,66 @@ async fn run_checks(
 
     // 3. The inputs are those the build was made from.
     if let Some(recorded) = &target.fingerprint {
-        let (spec_json, pack_path) = (plan.installers.clone(), plan.pack_path.clone());
-        let digest = blocking(move || inputs_digest(&spec_json, &pack_path)).await?;
+        let (spec_json, pack_path, identity) = (
+            plan.installers.clone(),
+            plan.pack_path.clone(),
+            tools.identity.clone(),
+        );
+        let digest = blocking(move || inputs_digest(&spec_json, &pack_path, &identity)).await?;
         let version = probe::interpreter(&versions).map(|(_, v)| v.as_str());
         if &fingerprint(&digest, version) != recorded {
             let metadata = target.metadata();
             let was = metadata["interpreter_version"].as_str();
+            let chosen = |m: &serde_json::Value| {
+                format!(
+                    "{} {}",
+                    m["path"].as_str().unwrap_or("?"),
+                    m["version"].as_str().unwrap_or("?")
+                )
+            };
             return Err(match (was, version) {
                 (Some(was), Some(now)) if was != now => CheckError::InterpreterChanged {
                     now: now.to_owned(),
                     was: was.to_owned(),
                 },
+                _ if metadata["interpreter"].is_object()
+                    && metadata["interpreter"]["path"] != tools.recorded["path"] =>
+                {
+                    CheckError::InterpreterChanged {
+                        now: chosen(&tools.recorded),
+                        was: chosen(&metadata["interpreter"]),
+                    }
+                }
                 _ => CheckError::InputsChanged,
             });
         }
     }
 
-    // 4. For Python with pip: installed packages are consistent.
-    if cfg.pip_check && paths.contains_key("pip") {
-        if let Some(python) = paths.get("python") {
+    // 4. For Python: installed packages are consistent. A venv without pip is checked with
+    // the host's uv, else with the chosen interpreter's pip pointed at it.
+    if let (true, Some(python)) = (cfg.pip_check, paths.get("python")) {
+        let mut env = plan.base_env.clone();
+        let (program, args): (String, Vec<String>) = if paths.contains_key("pip") {
+            (
+                python.clone(),
+                vec!["-m".into(), "pip".into(), "check".into()],
+            )
+        } else if probe::resolve_executable("uv", plan.path_var()).is_some() {
+            env.insert("UV_NO_CACHE".into(), "1".into());
+            let args = ["pip", "check", "--python", python.as_str()];
+            ("uv".into(), args.iter().map(|a| a.to_string()).collect())
+        } else if let Some(host) = tools.vars.get("python") {
+            let args = ["-m", "pip", "--python", python.as_str(), "check"];
+            (host.clone(), args.iter().map(|a| a.to_string()).collect())
+        } else {
+            (String::new(), Vec::new())
+        };
+        if !program.is_empty() {
             let inv = Invocation {
-                program: python.clone(),
-                args: vec!["-m".into(), "pip".into(), "check".into()],
+                program,
+                args,
                 cwd: build.to_owned(),
-                env: plan.base_env.clone(),
+                env,
                 timeout: cfg.timeout,
                 supervised: plan.check.clone(),
             };

@@ -92,8 +92,8 @@ pub fn read_manifest(path: &Path, max: u64) -> Result<Option<Vec<u8>>, ManifestE
     Ok(Some(content))
 }
 
-/// Files of a pack that decide what an installer installs. `-r other.txt` includes inside a
-/// requirements file are not followed.
+/// Files of a pack that decide what an installer installs. The requirements files' `-r` and
+/// `-c` includes are followed (see [`includes`]).
 pub const MANIFESTS: &[&str] = &[
     "requirements.txt",
     "constraints.txt",
@@ -109,17 +109,25 @@ pub const MANIFESTS: &[&str] = &[
     "pnpm-lock.yaml",
 ];
 
+/// How deep `-r` includes are followed, and how many files at most.
+const INCLUDE_DEPTH: usize = 8;
+const INCLUDE_FILES: usize = 64;
+
 /// A hex SHA-256 over the spec (serde_json writes object keys sorted, so equal specs hash
-/// equally) and each manifest's name and content (or its absence). Taken before a build runs,
-/// so it describes the inputs the build started from. Blocking: call it off the async threads.
+/// equally), each manifest's name and content (or its absence), the files its `-r`/`-c`
+/// includes name, and `toolchain` (the interpreter chosen for the pack, and why). Taken before
+/// a build runs, so it describes the inputs the build started from. Blocking: call it off the
+/// async threads.
 pub fn inputs_digest(
     installers: &serde_json::Value,
     pack_path: &Path,
+    toolchain: &str,
 ) -> Result<String, ManifestError> {
     let mut h = Sha256::new();
     h.update(b"packenvd-inputs-v1\0spec\0");
     // A Value always serialises.
     h.update(serde_json::to_vec(installers).unwrap_or_default());
+    let mut included = Vec::new();
     for name in MANIFESTS {
         h.update(b"\0file\0");
         h.update(name.as_bytes());
@@ -127,11 +135,115 @@ pub fn inputs_digest(
             Some(content) => {
                 h.update(b"\0present\0");
                 h.update(Sha256::digest(&content));
+                if name.ends_with(".txt") {
+                    included.extend(includes(&content, Path::new("")));
+                }
             }
             None => h.update(b"\0absent\0"),
         }
     }
+    // Included files, breadth first, each once. Only files inside the pack count: a path
+    // that leaves it is hashed as written (a change of the reference still changes the
+    // fingerprint), never read, so a pack cannot make the daemon read a file of the host.
+    let mut seen = std::collections::BTreeSet::new();
+    let mut depth = 0;
+    while !included.is_empty() && depth < INCLUDE_DEPTH && seen.len() < INCLUDE_FILES {
+        let mut next = Vec::new();
+        for rel in std::mem::take(&mut included) {
+            if seen.len() >= INCLUDE_FILES || !seen.insert(rel.clone()) {
+                continue;
+            }
+            h.update(b"\0include\0");
+            h.update(rel.as_os_str().as_encoded_bytes());
+            match inside(pack_path, &rel) {
+                None => h.update(b"\0outside\0"),
+                Some(path) => match read_manifest(&path, MANIFEST_MAX_BYTES)? {
+                    Some(content) => {
+                        h.update(b"\0present\0");
+                        h.update(Sha256::digest(&content));
+                        next.extend(includes(&content, rel.parent().unwrap_or(Path::new(""))));
+                    }
+                    None => h.update(b"\0absent\0"),
+                },
+            }
+        }
+        included = next;
+        depth += 1;
+    }
+    if !toolchain.is_empty() {
+        h.update(b"\0toolchain\0");
+        h.update(toolchain.as_bytes());
+    }
     Ok(hex::encode(h.finalize()))
+}
+
+/// The files a requirements file includes (`-r f`, `--requirement=f`, `-c f`,
+/// `--constraint f`), relative to the pack, resolved from `dir` (the including file's
+/// directory, relative to the pack). URLs are not files.
+pub fn includes(content: &[u8], dir: &Path) -> Vec<PathBuf> {
+    let text = String::from_utf8_lossy(content);
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let mut rest = None;
+        for opt in ["--requirement", "--constraint", "-r", "-c"] {
+            if let Some(r) = line.strip_prefix(opt) {
+                let long = opt.starts_with("--");
+                if let Some(r) = r.strip_prefix('=') {
+                    rest = Some(r);
+                } else if r.starts_with([' ', '\t']) || (!long && !r.is_empty()) {
+                    rest = Some(r);
+                }
+                break;
+            }
+        }
+        let Some(rest) = rest else { continue };
+        // A comment starts at whitespace + '#'.
+        let target = rest
+            .trim()
+            .split(" #")
+            .next()
+            .unwrap_or_default()
+            .split("\t#")
+            .next()
+            .unwrap_or_default()
+            .trim();
+        if target.is_empty() || target.contains("://") {
+            continue;
+        }
+        out.push(dir.join(target));
+    }
+    out
+}
+
+/// `rel` (relative to the pack, or absolute) as a path inside the pack, or None when it
+/// leaves the pack's directory, lexically or through a symlink.
+fn inside(pack_path: &Path, rel: &Path) -> Option<PathBuf> {
+    use std::path::Component;
+    if rel.is_absolute() {
+        return None;
+    }
+    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => parts.push(p),
+            Component::CurDir => {}
+            Component::ParentDir => {
+                parts.pop()?;
+            }
+            _ => return None,
+        }
+    }
+    let path: PathBuf = parts.iter().fold(pack_path.to_path_buf(), |p, c| p.join(c));
+    match (
+        std::fs::canonicalize(&path),
+        std::fs::canonicalize(pack_path),
+    ) {
+        (Ok(real), Ok(root)) if real.starts_with(&root) => Some(path),
+        // A missing file is hashed as absent.
+        (Err(e), _) if e.kind() == io::ErrorKind::NotFound => Some(path),
+        _ => None,
+    }
 }
 
 /// The fingerprint stored on the row: the inputs and the interpreter's version (known once the
@@ -148,10 +260,57 @@ pub fn fingerprint(inputs_digest: &str, interpreter_version: Option<&str>) -> St
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn includes_of_requirements_files_are_read_as_pip_reads_them() {
+        let content = b"-r base.txt\n--requirement=dev/extra.txt\n-cconstraints/pins.txt # pinned\n--constraint https://x/c.txt\nrequests==2.31\n# -r ignored.txt\n";
+        assert_eq!(
+            includes(content, Path::new("sub")),
+            [
+                PathBuf::from("sub/base.txt"),
+                PathBuf::from("sub/dev/extra.txt"),
+                PathBuf::from("sub/constraints/pins.txt"),
+            ]
+        );
+    }
+
+    #[test]
+    fn an_edited_include_changes_the_digest_and_an_outside_one_is_never_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let pack = dir.path().join("pack");
+        std::fs::create_dir_all(pack.join("req")).unwrap();
+        std::fs::write(pack.join("requirements.txt"), "-r req/base.txt\n").unwrap();
+        std::fs::write(pack.join("req/base.txt"), "-c pins.txt\nrequests\n").unwrap();
+        std::fs::write(pack.join("req/pins.txt"), "requests==2.31\n").unwrap();
+        let spec = serde_json::json!([]);
+        let d1 = inputs_digest(&spec, &pack, "").unwrap();
+        std::fs::write(pack.join("req/pins.txt"), "requests==2.32\n").unwrap();
+        let d2 = inputs_digest(&spec, &pack, "").unwrap();
+        assert_ne!(d1, d2, "a nested include counts");
+        assert_ne!(d2, inputs_digest(&spec, &pack, "python=/x@3.12").unwrap());
+        // An include leaving the pack (lexically or by a symlink) is never read: a FIFO there
+        // would block a reader.
+        let outside = dir.path().join("fifo");
+        rustix::fs::mknodat(
+            rustix::fs::CWD,
+            &outside,
+            rustix::fs::FileType::Fifo,
+            rustix::fs::Mode::from_raw_mode(0o644),
+            0,
+        )
+        .unwrap();
+        std::os::unix::fs::symlink(&outside, pack.join("link.txt")).unwrap();
+        std::fs::write(
+            pack.join("requirements.txt"),
+            "-r ../fifo\n-r /etc/passwd\n-r link.txt\n-r requirements.txt\n",
+        )
+        .unwrap();
+        inputs_digest(&spec, &pack, "").unwrap();
+    }
     use serde_json::json;
 
     fn fp(spec: &serde_json::Value, dir: &Path, version: Option<&str>) -> String {
-        fingerprint(&inputs_digest(spec, dir).unwrap(), version)
+        fingerprint(&inputs_digest(spec, dir, "").unwrap(), version)
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //!   behind, sets its resource limits and confines it with Landlock.
 //! - [`probe`]: what builds and checks ask of the host: the step environment, pack and cache
 //!   paths, command lookup, `--version`.
+//! - [`toolchain`]: the interpreter a pack asks for (`runtime_dependencies`) and the one the
+//!   host has that satisfies it.
 //! - [`fingerprint`]: the hash of what an environment depends on, to skip needless rebuilds.
 //! - [`inuse`]: which build directories running processes still use (read from `/proc`).
 //! - [`layout`]: where builds live under the envs root, path safety, the atomic symlink switch.
@@ -35,6 +37,7 @@ pub mod spec;
 pub mod supervise;
 pub mod target;
 pub mod template;
+pub mod toolchain;
 
 /// Runs blocking file-system work on tokio's blocking pool, so that a slow disk or a hostile
 /// path never stalls the async threads that keep heartbeats and health answers going.

@@ -21,6 +21,10 @@ pub struct RuntimeSpec {
     pub env_vars: BTreeMap<String, String>,
     /// `false` for shell and native packs: the row becomes ready with no directory.
     pub requires_environment: bool,
+    /// The interpreter the runtime builds on, chosen per pack from the host's.
+    pub interpreter: Option<Interpreter>,
+    /// A version constraint on it that every pack of the runtime needs (`">=3.9"`).
+    pub interpreter_version: Option<String>,
 }
 
 /// One installer step.
@@ -50,12 +54,64 @@ pub struct Step {
     pub timeout: Option<Duration>,
 }
 
-/// Runs the step only when the condition holds.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+/// Runs the step only when every part of the condition holds. Paths are templated; relative
+/// ones are taken from the pack's directory. Commands are looked up on the steps' PATH.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Condition {
-    /// A path (templated) that must exist; relative paths are taken from the pack's directory.
-    pub file_exists: String,
+    /// Paths that must all exist.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub file_exists: Vec<String>,
+    /// Paths none of which may exist.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub file_missing: Vec<String>,
+    /// Commands that must all be found.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub command_exists: Vec<String>,
+    /// Commands none of which may be found.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub command_missing: Vec<String>,
+}
+
+impl Condition {
+    fn is_empty(&self) -> bool {
+        self.file_exists.is_empty()
+            && self.file_missing.is_empty()
+            && self.command_exists.is_empty()
+            && self.command_missing.is_empty()
+    }
+}
+
+/// The interpreter a runtime builds on (DESIGN §5): which of a pack's `runtime_dependencies`
+/// apply to it, and which template variable (`{python}`, `{node}`) names the chosen one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Interpreter {
+    Python,
+    Node,
+}
+
+impl Interpreter {
+    /// The template variable and the key in metadata.
+    pub fn name(self) -> &'static str {
+        match self {
+            Interpreter::Python => "python",
+            Interpreter::Node => "node",
+        }
+    }
+}
+
+fn one_or_many<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(s) => vec![s],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -71,6 +127,10 @@ struct SpecObject {
     env_vars: BTreeMap<String, String>,
     #[serde(default = "yes")]
     requires_environment: bool,
+    #[serde(default)]
+    interpreter: Option<Interpreter>,
+    #[serde(default)]
+    interpreter_version: Option<String>,
 }
 
 fn yes() -> bool {
@@ -104,6 +164,8 @@ impl RuntimeSpec {
                 executable_templates: BTreeMap::new(),
                 env_vars: BTreeMap::new(),
                 requires_environment: true,
+                interpreter: None,
+                interpreter_version: None,
             },
             serde_json::Value::Object(_) => parse_at(value)?,
             other => {
@@ -117,12 +179,18 @@ impl RuntimeSpec {
             }
         };
         let mut steps = spec.installers;
+        let prefix = if value.is_array() { "" } else { "installers" };
         for (i, step) in steps.iter().enumerate() {
             if step.name.trim().is_empty() || step.command.trim().is_empty() {
-                let prefix = if value.is_array() { "" } else { "installers" };
                 return Err(SpecError {
                     path: format!("{prefix}[{i}]"),
                     message: "a step needs a non-empty name and command".into(),
+                });
+            }
+            if step.condition.as_ref().is_some_and(Condition::is_empty) {
+                return Err(SpecError {
+                    path: format!("{prefix}[{i}].condition"),
+                    message: "a condition needs at least one of file_exists, file_missing, command_exists, command_missing".into(),
                 });
             }
         }
@@ -134,6 +202,8 @@ impl RuntimeSpec {
             executable_templates: spec.executable_templates,
             env_vars: spec.env_vars,
             requires_environment: spec.requires_environment,
+            interpreter: spec.interpreter,
+            interpreter_version: spec.interpreter_version,
         })
     }
 }
@@ -192,6 +262,30 @@ mod tests {
         .unwrap();
         assert!(!spec.requires_environment);
         assert_eq!(spec.executable_templates["python"], "{env_path}/bin/python");
+    }
+
+    #[test]
+    fn a_condition_takes_one_path_or_command_or_a_list_and_must_say_something() {
+        let spec = RuntimeSpec::from_json(&json!({"interpreter": "python", "installers": [
+            {"name": "a", "command": "uv", "condition": {"command_exists": "uv", "file_exists": "x"}},
+            {"name": "b", "command": "npm", "condition": {"file_missing": ["a.lock", "b.lock"]}}
+        ]}))
+        .unwrap();
+        assert_eq!(spec.interpreter, Some(Interpreter::Python));
+        let a = spec.steps[0].condition.clone().unwrap();
+        assert_eq!(
+            (a.command_exists, a.file_exists),
+            (vec!["uv".into()], vec!["x".into()])
+        );
+        assert_eq!(
+            spec.steps[1].condition.clone().unwrap().file_missing,
+            ["a.lock", "b.lock"]
+        );
+        let err = RuntimeSpec::from_json(&json!([{"name": "a", "command": "x", "condition": {}}]))
+            .unwrap_err();
+        assert_eq!(err.path, "[0].condition");
+        let err = RuntimeSpec::from_json(&json!({"interpreter": "ruby"})).unwrap_err();
+        assert_eq!(err.path, "interpreter");
     }
 
     #[test]

@@ -31,6 +31,9 @@ pub struct Target {
     /// The row's `metadata` as JSON text: what the current build recorded. Compared, never
     /// executed.
     pub metadata: String,
+    /// The pack row's `runtime_dependencies` as JSON text, when the platform's `pack` table
+    /// has such a column: constraints on the interpreter, like those of `pack.yaml`.
+    pub pack_dependencies: Option<String>,
     /// What the database found wrong with the row (its pack_ref is not its pack's ref, its
     /// runtime's directory is another runtime's): the build fails with it before anything runs.
     pub problem: Option<String>,
@@ -60,6 +63,8 @@ pub struct BuildConfig {
     /// How steps are confined; `None` runs them directly (then only their process group is
     /// killed, and nothing confines what they write or connect to).
     pub sandbox: Option<SandboxConfig>,
+    /// Where Pythons are found beyond the steps' PATH ([`crate::toolchain::pythons`]).
+    pub python_search: Vec<PathBuf>,
 }
 
 impl BuildConfig {

@@ -13,12 +13,19 @@ pub const VARIABLES: &[&str] = &[
     "runtime_name",
     "runtime_name_lower",
     "cache_dir",
+    // The interpreter chosen for the pack, for runtimes that name one ("interpreter").
+    "python",
+    "node",
 ];
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TemplateError {
     #[error("unknown template variable {{{name}}} (known: {known})", known = VARIABLES.join(", "))]
     UnknownVariable { name: String },
+    #[error(
+        "template variable {{{name}}} is set only for runtimes with \"interpreter\": \"{name}\""
+    )]
+    NotSet { name: String },
     #[error("unclosed '{{' at byte {at}")]
     Unclosed { at: usize },
     #[error("unmatched '}}' at byte {at} (write '}}}}' for a literal brace)")]
@@ -70,11 +77,14 @@ impl Vars {
                     }
                     // A known variable that this build did not set is a bug in the caller, but
                     // it must still not run a command with a hole in it.
-                    let value = self
-                        .get(name)
-                        .ok_or_else(|| TemplateError::UnknownVariable {
+                    let value = self.get(name).ok_or_else(|| match name {
+                        "python" | "node" => TemplateError::NotSet {
                             name: name.to_owned(),
-                        })?;
+                        },
+                        _ => TemplateError::UnknownVariable {
+                            name: name.to_owned(),
+                        },
+                    })?;
                     out.push_str(value);
                     i += close + 2;
                 }

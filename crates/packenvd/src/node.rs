@@ -214,11 +214,25 @@ fn bare_commands(installers: &str) -> Vec<String> {
         return Vec::new();
     }
     let bare = |c: &str| !c.contains('/') && !c.contains('{') && !c.is_empty();
+    // A command a step runs only when it is there (`command_exists`) is a choice, not a need;
+    // the interpreter a runtime builds on is one, whatever the steps call it (`{python}`).
+    let optional: Vec<&String> = spec
+        .steps
+        .iter()
+        .filter_map(|s| s.condition.as_ref())
+        .flat_map(|c| &c.command_exists)
+        .collect();
+    let interpreter = spec.interpreter.map(|i| match i {
+        packenv_core::spec::Interpreter::Python => "python3".to_string(),
+        packenv_core::spec::Interpreter::Node => "node".to_string(),
+    });
     let mut names: Vec<String> = spec
         .steps
         .iter()
         .map(|s| s.command.clone())
+        .filter(|c| !optional.contains(&c))
         .chain(spec.executable_templates.values().cloned())
+        .chain(interpreter)
         .filter(|c| bare(c))
         .collect();
     names.sort();

@@ -275,7 +275,10 @@ async fn migrations_apply_to_a_database_that_already_has_pack_and_runtime_tables
          CREATE TABLE runtime (id BIGSERIAL PRIMARY KEY, ref TEXT NOT NULL UNIQUE, name TEXT NOT NULL,
                                description TEXT);
          INSERT INTO pack (ref, label) VALUES ('legacy', 'Legacy pack');
-         INSERT INTO runtime (ref, name) VALUES ('core.python', 'Python');",
+         INSERT INTO runtime (ref, name) VALUES ('core.python', 'Python');
+         ALTER TABLE runtime ADD COLUMN installers JSONB;
+         INSERT INTO runtime (ref, name, installers)
+             VALUES ('core.nodejs', 'Node.js', '[{\"name\": \"ours\", \"command\": \"true\"}]');",
     )
     .execute(&pool)
     .await
@@ -299,13 +302,29 @@ async fn migrations_apply_to_a_database_that_already_has_pack_and_runtime_tables
             "core.shell"
         ]
     );
-    // The platform's own core.python was kept, not overwritten by the seed.
-    let installers: serde_json::Value =
-        sqlx::query_scalar("SELECT installers FROM runtime WHERE ref = 'core.python'")
+    // The platform's core.python had no installers: it gets packenvd's, rather than building
+    // empty environments; its own core.nodejs definition is kept as it is.
+    let installers = |r: &'static str| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_scalar::<_, serde_json::Value>(
+                "SELECT installers FROM runtime WHERE ref = $1",
+            )
+            .bind(r)
             .fetch_one(&pool)
             .await
-            .unwrap();
-    assert_eq!(installers, serde_json::json!([]));
+            .unwrap()
+        }
+    };
+    let python = installers("core.python").await;
+    assert_eq!(python["interpreter"], "python");
+    assert!(python["installers"]
+        .as_array()
+        .is_some_and(|a| !a.is_empty()));
+    assert_eq!(
+        installers("core.nodejs").await,
+        serde_json::json!([{"name": "ours", "command": "true"}])
+    );
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]

@@ -71,7 +71,7 @@ async fn a_stale_environment_whose_interpreter_was_deleted_is_rebuilt_and_ends_r
         .contains("verification failed: executable 'python'"));
     // The old build stays served while the rebuild runs.
     assert!(Path::new(r.env_path.as_deref().unwrap())
-        .join("bin/pip")
+        .join("pyvenv.cfg")
         .exists());
 
     env.worker(&pool).drain().await.unwrap();

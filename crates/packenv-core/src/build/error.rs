@@ -91,6 +91,18 @@ pub enum BuildError {
         #[source]
         source: std::io::Error,
     },
+    /// The runtime requires an environment but says nothing about how to make one: building
+    /// it would serve an empty directory as `ready`.
+    #[error("runtime {runtime} requires an environment but has no installer step and no executable: give it installers (packenvd's defaults exist for core.python and core.nodejs), or set \"requires_environment\": false")]
+    EmptySpec { runtime: String },
+    /// No interpreter on the host satisfies what the pack asks for, or what it asks for does
+    /// not parse.
+    #[error("pack {pack}: {source}")]
+    Toolchain {
+        pack: String,
+        #[source]
+        source: crate::toolchain::ToolchainError,
+    },
     /// Shutdown or a lost claim stopped the build; it is not an attempt that failed.
     #[error("the build was cancelled (shutdown, or its claim was lost)")]
     Cancelled,
@@ -107,7 +119,12 @@ impl BuildError {
             | BuildError::Template { .. }
             | BuildError::CommandNotFound { .. }
             | BuildError::Executable { .. }
+            | BuildError::EmptySpec { .. }
             | BuildError::Cancelled => false,
+            BuildError::Toolchain { source, .. } => match source {
+                crate::toolchain::ToolchainError::Manifest(e) => e.retryable(),
+                _ => false,
+            },
             BuildError::Layout(e) => !matches!(
                 e,
                 LayoutError::OutsideRoot { .. }
@@ -138,6 +155,8 @@ impl BuildError {
             BuildError::PackMissing { .. } => "pack_missing",
             BuildError::Step { .. } => "step",
             BuildError::CommandNotFound { .. } => "command_not_found",
+            BuildError::EmptySpec { .. } => "spec",
+            BuildError::Toolchain { .. } => "interpreter",
             BuildError::Executable { .. } => "executable",
             BuildError::Io { .. } => "io",
             BuildError::Manifest(_) => "manifest",

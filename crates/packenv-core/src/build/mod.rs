@@ -6,6 +6,7 @@
 //! daemon applies it while it holds the row's claim (DESIGN §6, "fencing reaches the disk").
 
 mod error;
+pub mod interpreter;
 mod plan;
 
 use std::collections::BTreeMap;
@@ -17,14 +18,14 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{BuildError, Failure};
-pub use plan::{parse_spec, Plan, PlannedStep};
+pub use plan::{parse_spec, Plan, PlannedCondition, PlannedStep, Toolchain};
 
 use crate::fingerprint::{fingerprint, inputs_digest};
 use crate::layout::{self, EnvLocation, LayoutError};
 use crate::log::{tail_lines, BuildLog};
 use crate::runner::{self, Outcome};
 use crate::target::{BuildConfig, Target};
-use crate::{blocking, probe};
+use crate::{blocking, probe, toolchain};
 
 /// How long an executable may take to answer `--version` at the end of a build.
 const EXECUTABLE_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -132,23 +133,68 @@ pub async fn run(
         target.env_path.as_deref(),
     )
     .map_err(BuildError::from)?;
-    let build_dir = loc.build_dir(token);
-    let tmp = cfg.tmp_root().join(format!(".{}-{token}", loc.name()));
-    let plan = Plan::new(cfg, target, installers, &spec, &loc, &build_dir, &tmp)?;
-    let pack_path = plan.pack_path.clone();
-    if !blocking(move || pack_path.is_dir()).await {
-        // Retryable: a platform may insert the row before its copy of the pack's files is done.
-        return Err(BuildError::PackMissing {
-            path: plan.pack_path.clone(),
+    if spec.steps.is_empty() && spec.executable_templates.is_empty() {
+        return Err(BuildError::EmptySpec {
+            runtime: target.runtime_ref.clone(),
         }
         .into());
+    }
+    let build_dir = loc.build_dir(token);
+    let tmp = cfg.tmp_root().join(format!(".{}-{token}", loc.name()));
+    let pack_path = probe::pack_path(
+        &cfg.packs_dir,
+        &target.pack_ref,
+        target.storage_path.as_deref(),
+    );
+    let p = pack_path.clone();
+    if !blocking(move || p.is_dir()).await {
+        // Retryable: a platform may insert the row before its copy of the pack's files is done.
+        return Err(BuildError::PackMissing { path: pack_path }.into());
+    }
+    let path_var = steps_path(cfg);
+    let tools = interpreter::resolve(cfg, target, &spec, &pack_path, &path_var).await?;
+    if let Some(i) = tools.recorded.as_object() {
+        log.line(&format!(
+            "==> interpreter: {} {} ({}){}",
+            i["name"].as_str().unwrap_or_default(),
+            i["version"].as_str().unwrap_or("version unknown"),
+            i["path"].as_str().unwrap_or_default(),
+            match i["wanted"].as_object().filter(|w| !w.is_empty()) {
+                Some(w) => format!(
+                    ", for {}",
+                    w.iter()
+                        .map(|(k, v)| format!("{} ({k})", v.as_str().unwrap_or_default()))
+                        .collect::<Vec<_>>()
+                        .join(" and ")
+                ),
+                None => String::new(),
+            }
+        ));
+    }
+    let plan = Plan::new(
+        cfg, target, installers, &spec, &loc, &build_dir, &tmp, &tools,
+    )?;
+    if reuse_if_current {
+        // First without running anything: a request for an unchanged pack is answered from
+        // what is known of the current build's interpreter.
+        match current_build_matches(cfg, target, &spec, &loc, &plan, &tools, None, cancel).await {
+            Reuse::Yes => {
+                log.line("==> inputs unchanged since the current build (fingerprint matches): already up to date");
+                return Ok(Built::Unchanged);
+            }
+            Reuse::No => {}
+            Reuse::Unknown => {}
+        }
     }
     let user = cfg.sandbox.as_ref().and_then(|s| s.user);
     let scratch = Scratch::create(cfg, &plan.tmp_dir, Some(&plan.cache_dir), user).await?;
 
     let result = async {
         if reuse_if_current {
-            if current_build_matches(cfg, target, &spec, &loc, &plan, cancel).await {
+            if current_build_matches(cfg, target, &spec, &loc, &plan, &tools, Some(()), cancel)
+                .await
+                == Reuse::Yes
+            {
                 log.line("==> inputs unchanged since the current build (fingerprint matches): already up to date");
                 return Ok(None);
             }
@@ -158,7 +204,7 @@ pub async fn run(
         }
         // Read before the steps run: the fingerprint describes the inputs this build started
         // from.
-        let inputs = digest(&plan).await?;
+        let inputs = digest(&plan, &tools).await?;
         let (l, t) = (loc.clone(), token.to_owned());
         blocking(move || {
             let dir = l.create_build_dir(&t)?;
@@ -180,7 +226,7 @@ pub async fn run(
         let version = probe::interpreter(&executables).map(|(_, (_, v))| v.as_str());
         Ok(Some(Ready {
             env_path: loc.env_path.display().to_string(),
-            metadata: metadata(&build_dir, token, &plan, &executables),
+            metadata: metadata(&build_dir, token, &plan, &executables, &tools),
             fingerprint: fingerprint(&inputs, version),
             switch: Switch {
                 loc: loc.clone(),
@@ -337,9 +383,21 @@ fn take_back_and_remove(dir: &std::os::fd::OwnedFd, name: &str) -> std::io::Resu
     crate::fsat::remove_all_at(dir, name)
 }
 
-async fn digest(plan: &Plan) -> Result<String, BuildError> {
-    let (installers, pack_path) = (plan.installers.clone(), plan.pack_path.clone());
-    blocking(move || inputs_digest(&installers, &pack_path).map_err(BuildError::from)).await
+async fn digest(plan: &Plan, tools: &Toolchain) -> Result<String, BuildError> {
+    let (installers, pack_path, identity) = (
+        plan.installers.clone(),
+        plan.pack_path.clone(),
+        tools.identity.clone(),
+    );
+    blocking(move || inputs_digest(&installers, &pack_path, &identity).map_err(BuildError::from))
+        .await
+}
+
+/// The PATH steps run with: the daemon's (or a default), as [`probe::step_environment`] gives.
+pub fn steps_path(cfg: &BuildConfig) -> String {
+    probe::step_environment(&cfg.env_passthrough, Path::new("/"), Path::new("/"))
+        .remove("PATH")
+        .unwrap_or_default()
 }
 
 /// What the row's `metadata` records of a build: where it is and what to start. Actions must
@@ -350,9 +408,11 @@ fn metadata(
     token: &str,
     plan: &Plan,
     executables: &BTreeMap<String, (String, String)>,
+    tools: &Toolchain,
 ) -> serde_json::Value {
     let interpreter = probe::interpreter(executables).map(|(_, (_, v))| v.clone());
     json!({
+        "interpreter": tools.recorded,
         "build_dir": build_dir.display().to_string(),
         "build_id": token,
         "executables": executables.iter().map(|(k, (p, _))| (k.clone(), p.clone())).collect::<BTreeMap<_, _>>(),
@@ -373,13 +433,12 @@ async fn run_plan(
     let total = plan.steps.len();
     for (i, step) in plan.steps.iter().enumerate() {
         if let Some(cond) = &step.condition {
-            let c = cond.clone();
-            if !blocking(move || c.exists()).await {
+            let (c, path) = (cond.clone(), plan.path_var().to_owned());
+            if let Some(why) = blocking(move || c.unmet(&path)).await {
                 log.line(&format!(
-                    "==> step {}/{total} '{}' skipped: {} does not exist",
+                    "==> step {}/{total} '{}' skipped: {why}",
                     i + 1,
                     step.name,
-                    cond.display()
                 ));
                 continue;
             }
@@ -452,6 +511,10 @@ async fn run_plan(
         {
             Ok(version) => {
                 log.line(&format!("==> executable '{name}': {path} ({version})"));
+                let p = PathBuf::from(&path);
+                if let Some(key) = blocking(move || toolchain::file_key(&p)).await {
+                    remember_version(key, version.clone());
+                }
                 found.insert(name.clone(), (path, version));
             }
             Err(f) if matches!(f.outcome, Outcome::Cancelled) => return Err(BuildError::Cancelled),
@@ -470,23 +533,40 @@ async fn run_plan(
 
 /// The request fast path: the current build is the one the row records, its interpreter still
 /// runs, and the fingerprint of today's inputs equals the row's.
+/// Whether a request can be answered by the current build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reuse {
+    Yes,
+    No,
+    /// Only running the current build's interpreter would tell.
+    Unknown,
+}
+
+/// Whether the current build was made from the inputs a new build would use: its recorded
+/// fingerprint equals the one of the spec, the manifests, the chosen interpreter and the
+/// version the build's interpreter reports. The version comes from what is known of the file
+/// the build's interpreter resolves to ([`toolchain::file_key`]: a venv's `bin/python` is the
+/// host's interpreter); only with `run` is an unknown one run, confined like a check.
+#[allow(clippy::too_many_arguments)]
 async fn current_build_matches(
     cfg: &BuildConfig,
     target: &Target,
     spec: &crate::spec::RuntimeSpec,
     loc: &EnvLocation,
     plan: &Plan,
+    tools: &Toolchain,
+    run: Option<()>,
     cancel: &CancellationToken,
-) -> bool {
+) -> Reuse {
     let Some(recorded) = target.fingerprint.as_deref() else {
-        return false;
+        return Reuse::No;
     };
     let l = loc.clone();
     let Some(current) = blocking(move || l.current_build()).await else {
-        return false;
+        return Reuse::No;
     };
     if target.metadata()["build_dir"].as_str() != Some(&*current.to_string_lossy()) {
-        return false;
+        return Reuse::No;
     }
     // The executables as the spec names them in the current build, never as metadata says.
     let Ok(current_plan) = Plan::new(
@@ -497,33 +577,71 @@ async fn current_build_matches(
         loc,
         &current,
         &plan.tmp_dir,
+        tools,
     ) else {
-        return false;
+        return Reuse::No;
     };
     let version = match probe::interpreter(&current_plan.executables) {
         None => None,
         Some((_, exe)) => {
             let Some(path) = probe::resolve_executable(exe, plan.path_var()) else {
-                return false;
+                return Reuse::No;
             };
-            match probe::executable_version(
-                &path.display().to_string(),
-                &current,
-                &plan.base_env,
-                EXECUTABLE_CHECK_TIMEOUT,
-                plan.check.as_ref(),
-                cancel,
-            )
-            .await
-            {
-                Ok(v) => Some(v),
-                Err(_) => return false,
+            let key = {
+                let p = path.clone();
+                blocking(move || toolchain::file_key(&p)).await
+            };
+            let Some(key) = key else {
+                return Reuse::No;
+            };
+            match (known_version(&key), run) {
+                (Some(v), _) => Some(v),
+                (None, None) => return Reuse::Unknown,
+                (None, Some(())) => match probe::executable_version(
+                    &path.display().to_string(),
+                    &current,
+                    &plan.base_env,
+                    EXECUTABLE_CHECK_TIMEOUT,
+                    plan.check.as_ref(),
+                    cancel,
+                )
+                .await
+                {
+                    Ok(v) => {
+                        remember_version(key, v.clone());
+                        Some(v)
+                    }
+                    Err(_) => return Reuse::No,
+                },
             }
         }
     };
-    digest(plan)
-        .await
-        .is_ok_and(|d| fingerprint(&d, version.as_deref()) == recorded)
+    match digest(plan, tools).await {
+        Ok(d) if fingerprint(&d, version.as_deref()) == recorded => Reuse::Yes,
+        _ => Reuse::No,
+    }
+}
+
+/// What builds' interpreters answered to `--version`, by the identity of the file they resolve
+/// to: asked once per file while it is unchanged, so an unchanged request costs no process.
+static BUILD_VERSIONS: std::sync::LazyLock<
+    std::sync::Mutex<std::collections::HashMap<toolchain::FileKey, String>>,
+> = std::sync::LazyLock::new(Default::default);
+
+fn known_version(key: &toolchain::FileKey) -> Option<String> {
+    BUILD_VERSIONS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(key)
+        .cloned()
+}
+
+/// Records what a build's interpreter answered, for later requests.
+pub(crate) fn remember_version(key: toolchain::FileKey, version: String) {
+    BUILD_VERSIONS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, version);
 }
 
 /// Sets a build directory's modification time to now; the collector measures its grace from it.

@@ -17,9 +17,48 @@ use crate::template::Vars;
 pub struct PlannedStep {
     pub name: String,
     pub optional: bool,
-    /// Absolute path that must exist for the step to run.
-    pub condition: Option<PathBuf>,
+    pub condition: Option<PlannedCondition>,
     pub inv: Invocation,
+}
+
+/// A step's condition, rendered: absolute paths and bare command names.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlannedCondition {
+    pub file_exists: Vec<PathBuf>,
+    pub file_missing: Vec<PathBuf>,
+    pub command_exists: Vec<String>,
+    pub command_missing: Vec<String>,
+}
+
+impl PlannedCondition {
+    /// None when the step runs; else why it is skipped. Blocking (it stats files).
+    pub fn unmet(&self, path_var: &str) -> Option<String> {
+        let found = |c: &str| probe::resolve_executable(c, path_var).is_some_and(|p| p.exists());
+        if let Some(p) = self.file_exists.iter().find(|p| !p.exists()) {
+            return Some(format!("{} does not exist", p.display()));
+        }
+        if let Some(p) = self.file_missing.iter().find(|p| p.exists()) {
+            return Some(format!("{} exists", p.display()));
+        }
+        if let Some(c) = self.command_exists.iter().find(|c| !found(c)) {
+            return Some(format!("`{c}` is not on PATH"));
+        }
+        if let Some(c) = self.command_missing.iter().find(|c| found(c)) {
+            return Some(format!("`{c}` is on PATH"));
+        }
+        None
+    }
+}
+
+/// The interpreter chosen for one build (DESIGN §5): the template variable that names it
+/// (`{python}`, `{node}`), what the fingerprint takes of it, and what the metadata records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Toolchain {
+    pub vars: BTreeMap<&'static str, String>,
+    /// Path, version and the constraints it was chosen for, as one line; empty when the
+    /// runtime names no interpreter.
+    pub identity: String,
+    pub recorded: serde_json::Value,
 }
 
 /// Everything a build of one target into one build directory will do and promise.
@@ -70,13 +109,17 @@ impl Plan {
         loc: &EnvLocation,
         build_dir: &Path,
         tmp_dir: &Path,
+        tools: &Toolchain,
     ) -> Result<Plan, BuildError> {
         let (installers, spec) = parse_spec(target)?;
-        Plan::new(cfg, target, installers, &spec, loc, build_dir, tmp_dir)
+        Plan::new(
+            cfg, target, installers, &spec, loc, build_dir, tmp_dir, tools,
+        )
     }
 
     /// Renders an already parsed spec for a build of `target` in `build_dir`, with `tmp_dir`
-    /// as its private temporary directory.
+    /// as its private temporary directory and `tools` the interpreter chosen for it.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         cfg: &BuildConfig,
         target: &Target,
@@ -85,6 +128,7 @@ impl Plan {
         loc: &EnvLocation,
         build_dir: &Path,
         tmp_dir: &Path,
+        tools: &Toolchain,
     ) -> Result<Plan, BuildError> {
         let pack_path = probe::pack_path(
             &cfg.packs_dir,
@@ -100,6 +144,9 @@ impl Plan {
             .set("runtime_name", target.runtime_name.clone())
             .set("runtime_name_lower", target.runtime_name.to_lowercase())
             .set("cache_dir", cache_dir.display().to_string());
+        for (k, v) in &tools.vars {
+            vars.set(k, v.clone());
+        }
         let base_env = probe::step_environment(&cfg.env_passthrough, &cache_dir, tmp_dir);
         let supervised = cfg
             .sandbox
@@ -129,7 +176,26 @@ impl Plan {
                 condition: step
                     .condition
                     .as_ref()
-                    .map(|c| r("condition.file_exists", &c.file_exists).map(|p| pack_path.join(p)))
+                    .map(|c| {
+                        let paths = |field: &str, list: &[String]| {
+                            list.iter()
+                                .map(|p| {
+                                    r(&format!("condition.{field}"), p).map(|p| pack_path.join(p))
+                                })
+                                .collect::<Result<Vec<_>, _>>()
+                        };
+                        let names = |field: &str, list: &[String]| {
+                            list.iter()
+                                .map(|c| r(&format!("condition.{field}"), c))
+                                .collect::<Result<Vec<_>, _>>()
+                        };
+                        Ok::<_, BuildError>(PlannedCondition {
+                            file_exists: paths("file_exists", &c.file_exists)?,
+                            file_missing: paths("file_missing", &c.file_missing)?,
+                            command_exists: names("command_exists", &c.command_exists)?,
+                            command_missing: names("command_missing", &c.command_missing)?,
+                        })
+                    })
                     .transpose()?,
                 inv: Invocation {
                     program: r("command", &step.command)?,

@@ -199,6 +199,13 @@ settings! {
     step_writable: Vec<String> = Vec::new(); Live; |v: &Vec<String>| {
         v.iter().try_for_each(|p| PathBuf::from_text(p).map(|_| ()))
     };
+    /// Where Pythons are found beyond the steps' PATH (python3, python3.X there): directories
+    /// holding interpreters, or installations with a bin/ (pyenv's versions, uv's python), or
+    /// interpreters. A pack's runtime_dependencies choose the newest that fits among them.
+    /// Default: $PYENV_ROOT/versions (else ~/.pyenv/versions) and ~/.local/share/uv/python.
+    python_search: Vec<String> = packenv_core::toolchain::default_python_search().iter().map(|p| p.display().to_string()).collect(); Live; |v: &Vec<String>| {
+        v.iter().try_for_each(|p| PathBuf::from_text(p).map(|_| ()))
+    };
     /// Files and directories steps may not read, besides those always hidden: the config file,
     /// database_url_file, $CREDENTIALS_DIRECTORY, PGPASSFILE, the daemon's ~/.pgpass and
     /// /etc/packenvd. Enforced with Landlock.
@@ -399,6 +406,7 @@ impl Settings {
             step_timeout: self.step_timeout,
             env_passthrough: self.env_passthrough.clone(),
             sandbox: self.sandbox_config(),
+            python_search: self.python_search.iter().map(PathBuf::from).collect(),
         }
     }
 

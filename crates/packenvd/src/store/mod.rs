@@ -194,6 +194,8 @@ pub struct EnvRow {
     pub runtime_name: String,
     pub env_path: Option<String>,
     pub storage_path: Option<String>,
+    /// The pack row's `runtime_dependencies` (JSON text), when its table has the column.
+    pub pack_dependencies: Option<String>,
     /// `runtime.installers` as text: decoded per row, so one bad spec fails one row.
     pub installers: String,
     pub fingerprint: Option<String>,
@@ -227,6 +229,7 @@ impl EnvRow {
             runtime_name: self.runtime_name.clone(),
             env_path: self.env_path.clone(),
             storage_path: self.storage_path.clone(),
+            pack_dependencies: self.pack_dependencies.clone(),
             installers: self.installers.clone(),
             fingerprint: self.fingerprint.clone(),
             metadata: self.metadata.clone(),

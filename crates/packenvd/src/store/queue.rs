@@ -44,6 +44,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
              WHERE n.id = c.id AND pe.id = n.env_id AND p.id = pe.pack AND r.id = pe.runtime
              RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status, c.old_required,
                  pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, n.env_path, p.storage_path,
+                 (to_jsonb(p) -> 'runtime_dependencies')::text AS pack_dependencies,
                  r.installers::text AS installers, n.fingerprint, n.metadata::text AS metadata,
                  n.claim_token, n.claimed_by, n.lease_expires_at, n.attempts, n.skip_if_current,
                  extract(epoch FROM clock_timestamp() - c.claimable_since)::float8 AS pickup_secs,
@@ -65,6 +66,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
                  END AS problem),
          {p}
          SELECT id, env_id, pack_ref, runtime_ref, runtime_name, env_path, storage_path,
+                pack_dependencies,
                 installers, fingerprint, metadata, claim_token, attempts, skip_if_current,
                 pickup_secs, NULL::timestamptz AS checked_at, problem,
                 NULL::timestamptz AS previous_verified, NULL::text AS previous_result

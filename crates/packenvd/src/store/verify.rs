@@ -51,7 +51,9 @@ pub async fn claim_verification(
          FROM c, pack_environment pe, pack p, runtime r
          WHERE n.id = c.id AND pe.id = n.env_id AND p.id = pe.pack AND r.id = pe.runtime
          RETURNING n.id, n.env_id, pe.pack_ref, pe.runtime_ref, r.name AS runtime_name,
-                   n.env_path, p.storage_path, r.installers::text AS installers, n.fingerprint,
+                   n.env_path, p.storage_path,
+                   (to_jsonb(p) -> 'runtime_dependencies')::text AS pack_dependencies,
+                   r.installers::text AS installers, n.fingerprint,
                    n.metadata::text AS metadata, NULL::uuid AS claim_token, n.attempts,
                    false AS skip_if_current, 0::float8 AS pickup_secs,
                    n.last_verified AS checked_at, NULL::text AS problem,
