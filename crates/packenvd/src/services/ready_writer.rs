@@ -1,5 +1,6 @@
 //! Writes `ready` results in batches (group commit): every result that finished while the
-//! previous write ran goes back in one fenced statement. A result with a build on disk is
+//! previous write ran goes back in one fenced statement (requests answered by their current
+//! build in another). A result with a build on disk is
 //! switched in while its row is locked (DESIGN §6: a lost claim never changes what `env_path`
 //! serves), and a build whose claim was lost is removed at once.
 
@@ -28,7 +29,7 @@ pub const WRITE_GIVE_UP_AFTER_KILL: Duration = Duration::from_secs(10);
 #[derive(Debug)]
 pub struct ReadyJob {
     pub fence: Fence,
-    /// A [`Transition::Ready`].
+    /// A [`Transition::Ready`], or a [`Transition::Unchanged`] (no switch).
     pub transition: Transition,
     /// The build to switch in; `None` for a runtime without an environment.
     pub switch: Option<Switch>,

@@ -180,13 +180,71 @@ pub async fn finish_all(
             written[i] = ids.contains(&items[i].0.id);
         }
     }
+    let unchanged: Vec<usize> = (0..items.len())
+        .filter(|&i| matches!(items[i].1, Transition::Unchanged { .. }))
+        .collect();
+    if !unchanged.is_empty() {
+        let ids = write_unchanged(conn, unchanged.iter().map(|&i| &items[i])).await?;
+        for &i in &unchanged {
+            written[i] = ids.contains(&items[i].0.id);
+        }
+    }
     for (i, (fence, t)) in items.iter().enumerate() {
-        if !matches!(t, Transition::Ready { .. }) {
+        if !matches!(t, Transition::Ready { .. } | Transition::Unchanged { .. }) {
             written[i] = write_other(conn, *fence, t).await?;
         }
     }
     Ok(written)
 }
+
+/// Requests answered by their current builds, many at once, each fenced by its own token: a
+/// platform that asks again for every pack at start-up gets one statement per batch.
+async fn write_unchanged<'a>(
+    conn: &mut PgConnection,
+    items: impl Iterator<Item = &'a (Fence, Transition)>,
+) -> Result<Vec<i64>, sqlx::Error> {
+    let (mut ids, mut tokens, mut logs) = (vec![], vec![], vec![]);
+    for (fence, t) in items {
+        if let Transition::Unchanged { log } = t {
+            ids.push(fence.id);
+            tokens.push(fence.token);
+            logs.push(log.clone());
+        }
+    }
+    sqlx::query_scalar(UNCHANGED_MANY_SQL.as_str())
+        .bind(ids)
+        .bind(tokens)
+        .bind(logs)
+        .fetch_all(&mut *conn)
+        .await
+}
+
+static UNCHANGED_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH c AS MATERIALIZED (
+             SELECT n.id, n.status AS old_status, n.required AS old_required, x.log
+             FROM unnest($1::int8[], $2::uuid[], $3::text[]) AS x(id, token, log)
+             JOIN pack_environment_node n ON n.id = x.id AND n.claim_token = x.token
+             FOR UPDATE OF n),
+         u AS (
+             UPDATE pack_environment_node n
+             SET status = 'ready', required = true, built_generation = n.generation,
+                 install_log = c.log, install_error = NULL, last_verified = now(),
+                 last_verify_result = NULL, skip_if_current = false,
+                 claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated = now()
+             FROM c WHERE n.id = c.id
+             RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status,
+                       c.old_required, n.env_path, n.install_log, n.install_error, n.attempts,
+                       n.last_verified),
+         {p}
+         SELECT id FROM u",
+        p = parents_cte(&format!(
+            "{MIRROR_DONE}, install_log = u.install_log, install_error = NULL,
+             last_verified = u.last_verified, last_verify_result = NULL,
+             skip_if_current = false"
+        ))
+    )
+});
 
 async fn write_ready<'a>(
     conn: &mut PgConnection,

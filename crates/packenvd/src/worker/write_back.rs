@@ -30,7 +30,9 @@ impl Worker {
         let took = humantime::format_duration(Duration::from_millis(took.as_millis() as u64));
         loop {
             let written = match &transition {
-                Transition::Ready { .. } => {
+                // Both go in batches: many builds finish at once, and a platform re-requesting
+                // every pack makes many unchanged answers at once.
+                Transition::Ready { .. } | Transition::Unchanged { .. } => {
                     self.send_ready(claim.fence, &transition, switch.take())
                         .await
                 }
