@@ -3,8 +3,11 @@
 # gets its own fresh database (#[sqlx::test]); no test reaches the network.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/check-prereqs.sh
-cargo build --workspace --all-targets --quiet
+# uv installed by check-prereqs.sh (when the host has none) lives here.
+export PATH="$PWD/target/tools/bin:$PATH"
+scripts/check-prereqs.sh --tests
+echo "==> building packenvd and its tests (the first build takes a few minutes)"
+cargo build --workspace --all-targets
 if cargo nextest --version >/dev/null 2>&1; then
     exec scripts/with-postgres.sh cargo nextest run --workspace --no-fail-fast "$@"
 else

@@ -551,7 +551,8 @@ pub fn main(cli: Cli) -> std::process::ExitCode {
     match runtime.block_on(dispatch(&cli, loaded.settings, forgotten, filter)) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("packenvd: {e:#}");
+            let e: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("packenvd: {}", crate::error::chain(e));
             ExitCode::FAILURE
         }
     }
@@ -568,9 +569,15 @@ async fn dispatch(
         .unwrap_or(u32::MAX)
         .saturating_add(4);
     let password = forgotten.pg_password.as_ref().map(|p| p.expose());
-    let pool = store::connect_with_password(settings.database_url.expose(), password, pool_size)
+    let url = settings.database_url.expose();
+    let pool = store::connect_with_password(url, password, pool_size)
         .await
-        .context("cannot connect to the database (DATABASE_URL)")?;
+        .with_context(|| {
+            format!(
+                "cannot connect to the database at {}",
+                store::describe_url(url)
+            )
+        })?;
     match &cli.command {
         Command::Migrate => {
             store::MIGRATOR
@@ -585,7 +592,13 @@ async fn dispatch(
                 flags: args.settings.0.clone(),
                 until_done: args.until_done,
             };
-            crate::daemon::run(pool, settings, options, filter).await?;
+            let summary = crate::daemon::run(pool, settings, options, filter).await?;
+            if let Some(summary) = summary {
+                print!("{summary}");
+                if summary.failed() {
+                    return Ok(ExitCode::from(1));
+                }
+            }
         }
         Command::Status {
             pack,

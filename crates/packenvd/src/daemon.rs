@@ -28,14 +28,52 @@ pub struct RunOptions {
     pub until_done: bool,
 }
 
-/// Runs the daemon until a signal (or, with `until_done`, until the queue is empty).
+/// What a `run --until-done` did: the builds of this node that ended while it ran.
+#[derive(Debug, Clone, Default)]
+pub struct RunSummary {
+    /// (status, pack, runtime, the error's first line) of each build that ended.
+    pub ended: Vec<(String, String, String, Option<String>)>,
+}
+
+impl RunSummary {
+    pub fn failed(&self) -> bool {
+        self.ended.iter().any(|(s, ..)| s == "failed")
+    }
+}
+
+impl std::fmt::Display for RunSummary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let count = |st: &str| self.ended.iter().filter(|(s, ..)| s == st).count();
+        writeln!(
+            f,
+            "done: {} environment(s) built, {} failed",
+            count("ready"),
+            count("failed")
+        )?;
+        for (_, pack, runtime, error) in self.ended.iter().filter(|(s, ..)| s == "failed") {
+            writeln!(
+                f,
+                "  failed: {pack} {runtime}: {} (packenvd logs {pack} {runtime})",
+                error.as_deref().unwrap_or("?")
+            )?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the daemon until a signal (or, with `until_done`, until the queue is empty, and then
+/// says what it built).
 pub async fn run(
     pool: PgPool,
     settings: Settings,
     options: RunOptions,
     filter: LogFilter,
-) -> Result<(), Error> {
+) -> Result<Option<RunSummary>, Error> {
     migrate_if_needed(&pool).await?;
+    let started: chrono::DateTime<chrono::Utc> = sqlx::query_scalar("SELECT now()")
+        .fetch_one(&pool)
+        .await
+        .map_err(Error::db("reading the server's clock"))?;
     let protections = crate::hardening::Protections::detect(&settings)
         .await
         .map_err(|e| Error::Io {
@@ -79,7 +117,14 @@ pub async fn run(
         }
     }
     tracing::info!("packenvd stopped");
-    result
+    result?;
+    if !options.until_done {
+        return Ok(None);
+    }
+    let ended = store::ended_since(&pool, &settings.node_name, started)
+        .await
+        .map_err(Error::db("reading what this run built"))?;
+    Ok(Some(RunSummary { ended }))
 }
 
 async fn handle_signals(

@@ -355,7 +355,7 @@ pub enum ConfigError {
         origin: Source,
         message: String,
     },
-    #[error("DATABASE_URL is not set (environment, `database_url` in the config file, or --database-url){}", if *ignored_packenvd_var { "; PACKENVD_DATABASE_URL is set but not read" } else { "" })]
+    #[error("no database URL: set DATABASE_URL in the environment, or `database_url` or `database_url_file` in the config file (`packenvd run` also takes --database-url){}", if *ignored_packenvd_var { "; PACKENVD_DATABASE_URL is set but not read" } else { "" })]
     NoDatabase {
         /// PACKENVD_DATABASE_URL is set: the likely reason, since it is not read.
         ignored_packenvd_var: bool,

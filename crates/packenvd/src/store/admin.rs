@@ -238,6 +238,28 @@ pub async fn live_environments(pool: &PgPool, node: &str) -> Result<Vec<LiveEnv>
     .await
 }
 
+/// The builds of `node` that ended since `since`, built (ready) or failed: what `run
+/// --until-done` reports. (status, pack, runtime, the first line of the error.)
+pub async fn ended_since(
+    pool: &PgPool,
+    node: &str,
+    since: DateTime<Utc>,
+) -> Result<Vec<(String, String, String, Option<String>)>, sqlx::Error> {
+    sqlx::query_as(
+        "SELECT n.status::text, pe.pack_ref, pe.runtime_ref,
+                split_part(n.install_error, E'\n', 1)
+         FROM pack_environment_node n JOIN pack_environment pe ON pe.id = n.env_id
+         WHERE n.node = $1
+           AND ((n.status = 'ready' AND n.installed_at >= $2)
+                OR (n.status = 'failed' AND n.updated >= $2))
+         ORDER BY n.status DESC, pe.pack_ref, pe.runtime_ref",
+    )
+    .bind(node)
+    .bind(since)
+    .fetch_all(pool)
+    .await
+}
+
 /// Deletes environments on purpose (`packenvd remove`), on every node; returns their runtimes
 /// and where `node` keeps them (its row's env_path; the platform's where it has none). The
 /// other nodes' copies are their collectors' to remove: their rows go with the environment.

@@ -39,6 +39,7 @@ use packenv_core::target::Target;
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
+use sqlx::{Connection, PgConnection};
 use uuid::Uuid;
 
 pub use admin::*;
@@ -68,6 +69,22 @@ pub async fn connect_with_password(
     if let Some(password) = password.filter(|_| !crate::config::has_password(url)) {
         options = options.password(password);
     }
+    let options = options.application_name("packenvd");
+    // One connection first, with a short limit: a refused or unreachable server is reported at
+    // once with its cause, where the pool would retry for its whole acquire timeout and then
+    // say only that it timed out.
+    match tokio::time::timeout(FIRST_CONTACT, PgConnection::connect_with(&options)).await {
+        Ok(Ok(conn)) => {
+            let _ = conn.close().await;
+        }
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            return Err(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {}s", FIRST_CONTACT.as_secs()),
+            )))
+        }
+    }
     PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(Duration::from_secs(10))
@@ -75,8 +92,28 @@ pub async fn connect_with_password(
         // A connection that died with the server fails its statement instead, and every
         // caller retries (claims, heartbeats and write-backs back off and try again).
         .test_before_acquire(false)
-        .connect_with(options.application_name("packenvd"))
+        .connect_with(options)
         .await
+}
+
+/// How long the first connection may take before `packenvd` says the server does not answer.
+const FIRST_CONTACT: Duration = Duration::from_secs(5);
+
+/// Where a database URL points, for messages: `host:port`, or the socket directory and port,
+/// with the database and user (never the password).
+pub fn describe_url(url: &str) -> String {
+    let Ok(o) = url.parse::<PgConnectOptions>() else {
+        return "(a URL that does not parse)".into();
+    };
+    let at = match o.get_socket() {
+        Some(dir) => format!("socket {}/.s.PGSQL.{}", dir.display(), o.get_port()),
+        None => format!("{}:{}", o.get_host(), o.get_port()),
+    };
+    format!(
+        "{at}, database {:?} as {:?}",
+        o.get_database().unwrap_or(o.get_username()),
+        o.get_username()
+    )
 }
 
 /// `pack_environment.status`.
