@@ -101,17 +101,24 @@ impl Switch {
     }
 }
 
-/// Builds `target` into a new build directory named after `token`. With `reuse_if_current`
-/// (a request, not a reset), a current build whose inputs are unchanged answers instead.
-/// Output goes to `log`; `cancel` kills the running step.
-pub async fn run(
+/// What a build starts from once the row, the spec and the pack are checked: the environment's
+/// place, the plan of steps and the interpreter chosen.
+struct Prepared {
+    spec: crate::spec::RuntimeSpec,
+    loc: EnvLocation,
+    plan: Plan,
+    tools: Toolchain,
+    build_dir: PathBuf,
+}
+
+/// Checks the row and the spec, finds the pack and the interpreter, and plans the steps of a
+/// build named after `token`; `Err(Ok(built))` when the runtime needs no environment.
+async fn prepare(
     cfg: &BuildConfig,
     target: &Target,
     token: &str,
-    reuse_if_current: bool,
     log: &BuildLog,
-    cancel: &CancellationToken,
-) -> Result<Built, Failure> {
+) -> Result<Result<Prepared, Built>, Failure> {
     let (installers, spec) = parse_spec(target)?;
     layout::validate_pack_ref(&target.pack_ref).map_err(BuildError::from)?;
     if let Some(problem) = &target.problem {
@@ -122,9 +129,9 @@ pub async fn run(
             "runtime {} needs no environment",
             target.runtime_ref
         ));
-        return Ok(Built::NoEnvironment {
+        return Ok(Err(Built::NoEnvironment {
             metadata: json!({"requires_environment": false, "runtime": target.runtime_ref}),
-        });
+        }));
     }
     let loc = EnvLocation::new(
         &cfg.envs_root,
@@ -174,16 +181,75 @@ pub async fn run(
     let plan = Plan::new(
         cfg, target, installers, &spec, &loc, &build_dir, &tmp, &tools,
     )?;
+    Ok(Ok(Prepared {
+        spec,
+        loc,
+        plan,
+        tools,
+        build_dir,
+    }))
+}
+
+const UNCHANGED: &str =
+    "==> inputs unchanged since the current build (fingerprint matches): already up to date";
+
+/// Answers a request without building and without running anything: `Some` when the current
+/// build was made from the inputs a build would use now (or the runtime needs no environment),
+/// `None` when only a build (or running the build's interpreter) can answer. Errors are `None`
+/// too: the build reports them with its retry policy.
+pub async fn answer(
+    cfg: &BuildConfig,
+    target: &Target,
+    log: &BuildLog,
+    cancel: &CancellationToken,
+) -> Option<Built> {
+    let p = match prepare(cfg, target, "answer", log).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(built)) => return Some(built),
+        Err(_) => return None,
+    };
+    match current_build_matches(
+        cfg, target, &p.spec, &p.loc, &p.plan, &p.tools, None, cancel,
+    )
+    .await
+    {
+        Reuse::Yes => {
+            log.line(UNCHANGED);
+            Some(Built::Unchanged)
+        }
+        Reuse::No | Reuse::Unknown => None,
+    }
+}
+
+/// Builds `target` into a new build directory named after `token`. With `reuse_if_current`
+/// (a request, not a reset), a current build whose inputs are unchanged answers instead.
+/// Output goes to `log`; `cancel` kills the running step.
+pub async fn run(
+    cfg: &BuildConfig,
+    target: &Target,
+    token: &str,
+    reuse_if_current: bool,
+    log: &BuildLog,
+    cancel: &CancellationToken,
+) -> Result<Built, Failure> {
+    let Prepared {
+        spec,
+        loc,
+        plan,
+        tools,
+        build_dir,
+    } = match prepare(cfg, target, token, log).await? {
+        Ok(p) => p,
+        Err(built) => return Ok(built),
+    };
     if reuse_if_current {
         // First without running anything: a request for an unchanged pack is answered from
         // what is known of the current build's interpreter.
-        match current_build_matches(cfg, target, &spec, &loc, &plan, &tools, None, cancel).await {
-            Reuse::Yes => {
-                log.line("==> inputs unchanged since the current build (fingerprint matches): already up to date");
-                return Ok(Built::Unchanged);
-            }
-            Reuse::No => {}
-            Reuse::Unknown => {}
+        if current_build_matches(cfg, target, &spec, &loc, &plan, &tools, None, cancel).await
+            == Reuse::Yes
+        {
+            log.line(UNCHANGED);
+            return Ok(Built::Unchanged);
         }
     }
     let user = cfg.sandbox.as_ref().and_then(|s| s.user);
@@ -195,7 +261,7 @@ pub async fn run(
                 .await
                 == Reuse::Yes
             {
-                log.line("==> inputs unchanged since the current build (fingerprint matches): already up to date");
+                log.line(UNCHANGED);
                 return Ok(None);
             }
             log.line(

@@ -12,11 +12,11 @@
 //! | from | to | made by |
 //! |---|---|---|
 //! | (none) | `pending` | the fan-out trigger, for each live node that can build the runtime, when the platform inserts or asks (`request_pack_environment()`, a plain `INSERT` or `UPDATE`); [`catch_up`] for a node that joins or returns; [`adopt`] takes over a single-host row as it is |
-//! | `pending`, `outdated` | `installing` | [`claim`] of the row's own node (attempts + 1, a fresh claim token, a lease) |
+//! | `pending`, `outdated` | `installing` | [`claim`] or [`claim_lanes`] of the row's own node (attempts + 1, a fresh claim token, a lease) |
 //! | `installing` | `ready` | [`finish`] with [`Transition::Ready`] or [`Transition::Unchanged`] |
 //! | `installing` | `pending` (run later) | [`finish`] with [`Transition::Retry`] |
 //! | `installing` | `failed` | [`finish`] with [`Transition::Failed`] |
-//! | `installing` | `pending` (attempt not spent) | [`finish`] with [`Transition::Released`] (shutdown) |
+//! | `installing` | `pending` (attempt not spent) | [`finish`] with [`Transition::Released`] (shutdown) or [`Transition::Deferred`] (a request the answer lane hands to the build lane) |
 //! | `installing`, lease expired | `pending`, or `failed` when attempts are spent | [`rescue_expired`] of the same node |
 //! | `ready` | `outdated` | [`finish_verification`] with a failure; [`builds_missing`] at start; a pack update (the platform's `UPDATE`, fanned out) |
 //! | any | `pending` | an operator's `UPDATE` of the parent, [`rebuild`] (all nodes) or [`rebuild_on_node`]: the triggers drop the claim and start the attempts over |
@@ -194,6 +194,9 @@ pub enum Transition {
     Failed { error: String, log: String },
     /// Stopped by shutdown: `pending` at once, the attempt not counted.
     Released { log: String },
+    /// A request the answer lane could not answer without a build: `pending` at once for the
+    /// build lane, the attempt not counted, the log of the current build kept.
+    Deferred,
 }
 
 impl Transition {
@@ -201,7 +204,9 @@ impl Transition {
     pub fn status(&self) -> Status {
         match self {
             Transition::Ready { .. } | Transition::Unchanged { .. } => Status::Ready,
-            Transition::Retry { .. } | Transition::Released { .. } => Status::Pending,
+            Transition::Retry { .. } | Transition::Released { .. } | Transition::Deferred => {
+                Status::Pending
+            }
             Transition::Failed { .. } => Status::Failed,
         }
     }
@@ -214,6 +219,7 @@ impl Transition {
             Transition::Retry { .. } => "retry",
             Transition::Failed { .. } => "failed",
             Transition::Released { .. } => "released",
+            Transition::Deferred => "deferred",
         }
     }
 }
@@ -254,6 +260,9 @@ pub struct EnvRow {
     /// the row back unchecked when the pass cannot finish.
     pub previous_verified: Option<DateTime<Utc>>,
     pub previous_result: Option<String>,
+    /// Claimed by the answer lane (a request, answered from the current build if it can be).
+    #[sqlx(default)]
+    pub answer: bool,
 }
 
 impl EnvRow {

@@ -22,14 +22,25 @@ use super::{Claim, EnvRow, Fence, Transition};
 /// runs. The parent's counts and the single-host mirror move in the same statement.
 pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
-        "WITH c AS MATERIALIZED (
-             SELECT id, status AS old_status, required AS old_required,
-                    greatest(run_after, updated) AS claimable_since
-             FROM pack_environment_node
+        "WITH b AS MATERIALIZED (
+             SELECT id FROM pack_environment_node
              WHERE node = $5 AND status IN ('pending', 'outdated') AND run_after <= now()
              ORDER BY run_after, id
              LIMIT $3
              FOR UPDATE SKIP LOCKED),
+         a AS MATERIALIZED (
+             SELECT id FROM pack_environment_node
+             WHERE node = $5 AND status IN ('pending', 'outdated') AND run_after <= now()
+               AND skip_if_current AND fingerprint IS NOT NULL AND id <> ALL($7::int8[])
+               AND id NOT IN (SELECT id FROM b)
+             ORDER BY run_after, id
+             LIMIT $6
+             FOR UPDATE SKIP LOCKED),
+         c AS MATERIALIZED (
+             SELECT n.id, n.status AS old_status, n.required AS old_required,
+                    greatest(n.run_after, n.updated) AS claimable_since, x.answer
+             FROM (SELECT id, false AS answer FROM b UNION ALL SELECT id, true FROM a) x
+             JOIN pack_environment_node n ON n.id = x.id),
          u AS (
              UPDATE pack_environment_node n
              SET status = 'installing', claimed_by = $1, claim_token = gen_random_uuid(),
@@ -47,6 +58,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
                  (to_jsonb(p) -> 'runtime_dependencies')::text AS pack_dependencies,
                  r.installers::text AS installers, n.fingerprint, n.metadata::text AS metadata,
                  n.claim_token, n.claimed_by, n.lease_expires_at, n.attempts, n.skip_if_current,
+                 c.answer,
                  extract(epoch FROM clock_timestamp() - c.claimable_since)::float8 AS pickup_secs,
                  CASE
                    WHEN pe.pack_ref IS DISTINCT FROM p.ref THEN format(
@@ -69,7 +81,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
                 pack_dependencies,
                 installers, fingerprint, metadata, claim_token, attempts, skip_if_current,
                 pickup_secs, NULL::timestamptz AS checked_at, problem,
-                NULL::timestamptz AS previous_verified, NULL::text AS previous_result
+                NULL::timestamptz AS previous_verified, NULL::text AS previous_result, answer
          FROM u",
         p = parents_cte(
             ", claimed_by = u.claimed_by, claim_token = u.claim_token,
@@ -91,12 +103,43 @@ pub async fn claim(
     limit: i64,
     envs_root: &std::path::Path,
 ) -> Result<Vec<Claim>, sqlx::Error> {
+    let lanes = Lanes {
+        build: limit,
+        answer: 0,
+        deferred: &[],
+    };
+    claim_lanes(pool, node, instance, lease, lanes, envs_root).await
+}
+
+/// How many rows a claim takes for each lane.
+#[derive(Debug, Clone, Copy)]
+pub struct Lanes<'a> {
+    /// Rows of any kind, for the build slots.
+    pub build: i64,
+    /// More rows, requests only (`skip_if_current`), for the answer lane: answering one from
+    /// its current build takes no build slot ([`EnvRow::answer`] marks them).
+    pub answer: i64,
+    /// Requests the answer lane deferred to the build lane: it does not take them again.
+    pub deferred: &'a [i64],
+}
+
+/// [`claim`] for both lanes in one statement.
+pub async fn claim_lanes(
+    pool: &PgPool,
+    node: &str,
+    instance: &str,
+    lease: Duration,
+    lanes: Lanes<'_>,
+    envs_root: &std::path::Path,
+) -> Result<Vec<Claim>, sqlx::Error> {
     let rows: Vec<EnvRow> = sqlx::query_as(CLAIM_SQL.as_str())
         .bind(instance)
         .bind(lease.as_secs_f64())
-        .bind(limit)
+        .bind(lanes.build)
         .bind(envs_root.display().to_string())
         .bind(node)
+        .bind(lanes.answer)
+        .bind(lanes.deferred)
         .fetch_all(pool)
         .await?;
     // The claim sets a token on every row it returns.
@@ -347,6 +390,9 @@ async fn write_other(
             .bind(fence.id)
             .bind(fence.token)
             .bind(log),
+        Transition::Deferred => sqlx::query_scalar(DEFERRED_SQL.as_str())
+            .bind(fence.id)
+            .bind(fence.token),
     };
     let written: i64 = q.fetch_one(&mut *conn).await?;
     Ok(written == 1)
@@ -410,6 +456,13 @@ static RELEASED_SQL: LazyLock<String> = LazyLock::new(|| {
         "status = 'pending', attempts = greatest(n.attempts - 1, 0), run_after = now(),
          install_log = $3",
         ", run_after = u.run_after, install_log = u.install_log",
+    )
+});
+
+static DEFERRED_SQL: LazyLock<String> = LazyLock::new(|| {
+    finish_one_sql(
+        "status = 'pending', attempts = greatest(n.attempts - 1, 0), run_after = now()",
+        ", run_after = u.run_after",
     )
 });
 

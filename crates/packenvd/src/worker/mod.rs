@@ -82,6 +82,30 @@ struct Shared {
     detected: tokio::sync::OnceCell<(serde_json::Value, serde_json::Value)>,
     /// The active protections, for the node registry.
     protections: std::sync::Mutex<Vec<String>>,
+    /// Tasks of the answer lane now running (they are in the build set but take no slot).
+    answering: std::sync::atomic::AtomicUsize,
+    /// Requests the answer lane handed to the build lane, which it does not take again.
+    deferred: std::sync::Mutex<std::collections::HashSet<i64>>,
+}
+
+/// Requests the answer lane takes beyond the build slots. Answering one from its current build
+/// is a few file reads and no process, so a platform that re-requests every pack at start-up is
+/// answered in batches instead of `concurrency` rows per round trip.
+const ANSWER_LANE: usize = 64;
+
+/// Deferred ids kept at most; past this the set starts again (a request taken twice costs one
+/// more look at its files, nothing else).
+const DEFERRED_MAX: usize = 10_000;
+
+/// Counts an answer-lane task from its spawn to its end, however it ends.
+struct Answering(Arc<Shared>);
+
+impl Drop for Answering {
+    fn drop(&mut self) {
+        self.0
+            .answering
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Worker {
@@ -110,6 +134,8 @@ impl Worker {
                 root,
                 detected: tokio::sync::OnceCell::new(),
                 protections: std::sync::Mutex::default(),
+                answering: Default::default(),
+                deferred: Default::default(),
             }),
         }
     }
@@ -184,18 +210,39 @@ impl Worker {
     /// One turn: reaps finished builds, claims as many rows as there are free slots, and
     /// starts a build for each.
     pub async fn step(&self, builds: &mut JoinSet<()>) -> Result<Step, Error> {
+        use std::sync::atomic::Ordering::Relaxed;
         while builds.try_join_next().is_some() {}
         let cfg = self.cfg();
-        let free = cfg.concurrency.saturating_sub(builds.len());
-        if free == 0 {
+        let answering = self.shared.answering.load(Relaxed);
+        let free = cfg
+            .concurrency
+            .saturating_sub(builds.len().saturating_sub(answering));
+        let answer_free = ANSWER_LANE.saturating_sub(answering);
+        if free == 0 && answer_free == 0 {
             return Ok(Step::Idle);
         }
-        let claims = store::claim(
+        let deferred: Vec<i64> = {
+            let mut d = self
+                .shared
+                .deferred
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            if d.len() > DEFERRED_MAX {
+                d.clear();
+            }
+            d.iter().copied().collect()
+        };
+        let lanes = store::Lanes {
+            build: free as i64,
+            answer: answer_free as i64,
+            deferred: &deferred,
+        };
+        let claims = store::claim_lanes(
             &self.shared.pool,
             &cfg.node_name,
             &cfg.instance_name,
             cfg.lease,
-            free as i64,
+            lanes,
             &cfg.envs_root,
         )
         .await
@@ -214,9 +261,57 @@ impl Worker {
             self.shared
                 .inflight
                 .insert(claim.fence, cancel.clone(), log.clone());
-            builds.spawn(self.clone().build(claim, cancel, log));
+            if claim.row.answer {
+                self.shared.answering.fetch_add(1, Relaxed);
+                let guard = Answering(self.shared.clone());
+                builds.spawn(self.clone().answer(claim, cancel, log, guard));
+            } else {
+                if !deferred.is_empty() {
+                    self.shared
+                        .deferred
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&claim.fence.id);
+                }
+                builds.spawn(self.clone().build(claim, cancel, log));
+            }
         }
         Ok(Step::Claimed(n))
+    }
+
+    /// The answer lane: a request answered from its current build when its inputs are
+    /// unchanged; otherwise handed back, `pending` with its attempt unspent, for a build slot.
+    async fn answer(self, claim: Claim, cancel: CancellationToken, log: BuildLog, _n: Answering) {
+        let row = &claim.row;
+        let span = tracing::info_span!("answer", pack_ref = %row.pack_ref, runtime_ref = %row.runtime_ref, env_id = row.env_id, claim_token = %claim.fence.token);
+        async {
+            let settings = self.cfg();
+            let started = Instant::now();
+            let transition =
+                match build::answer(&settings.build_config(), &row.target(), &log, &cancel).await {
+                    Some(Built::Unchanged) => Transition::Unchanged { log: log.render() },
+                    Some(Built::NoEnvironment { metadata }) => Transition::Ready {
+                        env_path: None,
+                        metadata,
+                        fingerprint: None,
+                        log: log.render(),
+                    },
+                    Some(Built::Ready(_)) | None => Transition::Deferred,
+                };
+            if let Transition::Deferred = transition {
+                self.shared
+                    .deferred
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(claim.fence.id);
+                tracing::debug!("not answerable from the current build; handed to the build lane");
+            }
+            self.write_back(&settings, &claim, transition, None, started.elapsed())
+                .await;
+        }
+        .instrument(span)
+        .await;
+        self.shared.inflight.remove(&claim.fence.token);
     }
 
     /// Claims and builds until nothing is claimable and no build runs; returns how many builds

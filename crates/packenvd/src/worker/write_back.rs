@@ -41,6 +41,10 @@ impl Worker {
             let metrics = &self.shared.metrics;
             match written {
                 Written::Done => {
+                    if let Transition::Deferred = transition {
+                        // Not an outcome: the build lane takes the row next.
+                        return;
+                    }
                     metrics.build(transition.label());
                     match &transition {
                         Transition::Retry { error, .. } | Transition::Failed { error, .. } => {
