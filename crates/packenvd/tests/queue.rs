@@ -171,37 +171,45 @@ async fn the_claim_reads_the_partial_index_even_on_an_all_pending_table(pool: Pg
             .execute(&pool)
             .await
             .unwrap();
-        // The claim statement itself, as the daemon sends it.
+        // The claim statement itself, as the daemon sends it, with both lanes open.
         let plan: Vec<(String,)> = sqlx::query_as(&format!("EXPLAIN {}", *store::CLAIM_SQL))
             .bind("explain")
             .bind(60.0f64)
             .bind(8i64)
             .bind("/envs")
             .bind(node_name())
+            .bind(64i64)
+            .bind(vec![1i64, 2])
             .fetch_all(&pool)
             .await
             .unwrap();
         let lines: Vec<String> = plan.into_iter().map(|(l,)| l).collect();
         let text = lines.join("\n");
-        // The CTE's subtree: the lines below "CTE c", indented deeper than it.
-        let start = lines
-            .iter()
-            .position(|l| l.trim_start().starts_with("CTE c"))
-            .unwrap_or_else(|| panic!("no CTE in the plan:\n{text}"));
-        let depth = |l: &str| l.len() - l.trim_start().len();
-        let cte: Vec<&String> = lines[start + 1..]
-            .iter()
-            .take_while(|l| depth(l) > depth(&lines[start]))
-            .collect();
-        let cte_text: String = cte.iter().map(|l| format!("{l}\n")).collect();
-        assert!(
-            cte_text.contains("pack_environment_node_claimable_idx"),
-            "finished={finished}:\n{text}"
-        );
-        assert!(
-            !cte_text.contains("Sort"),
-            "the index gives the order:\n{text}"
-        );
+        // Each lane's CTE subtree: the lines below "CTE b" (builds) and "CTE a" (answers),
+        // indented deeper than it.
+        for (lane, index) in [
+            ("CTE b", "pack_environment_node_claimable_idx"),
+            ("CTE a", "pack_environment_node_answerable_idx"),
+        ] {
+            let start = lines
+                .iter()
+                .position(|l| l.trim_start().starts_with(lane))
+                .unwrap_or_else(|| panic!("no {lane} in the plan:\n{text}"));
+            let depth = |l: &str| l.len() - l.trim_start().len();
+            let cte: Vec<&String> = lines[start + 1..]
+                .iter()
+                .take_while(|l| depth(l) > depth(&lines[start]))
+                .collect();
+            let cte_text: String = cte.iter().map(|l| format!("{l}\n")).collect();
+            assert!(
+                cte_text.contains(index),
+                "{lane}, finished={finished}:\n{text}"
+            );
+            assert!(
+                !cte_text.contains("Sort"),
+                "{lane}: the index gives the order:\n{text}"
+            );
+        }
     }
 }
 

@@ -217,7 +217,13 @@ impl Worker {
         let free = cfg
             .concurrency
             .saturating_sub(builds.len().saturating_sub(answering));
-        let answer_free = ANSWER_LANE.saturating_sub(answering);
+        // Refilled in batches, once half the lane is done: a claim per answered row would make
+        // the lane as slow as the round trips it exists to share.
+        let answer_free = if answering <= ANSWER_LANE / 2 {
+            ANSWER_LANE - answering
+        } else {
+            0
+        };
         if free == 0 && answer_free == 0 {
             return Ok(Step::Idle);
         }
