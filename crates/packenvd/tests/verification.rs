@@ -521,3 +521,24 @@ async fn packenvd_verify_exits_0_when_all_is_well_and_1_when_something_is_broken
     );
     assert_eq!(status_of(&pool, id).await, "outdated");
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_bad_template_in_a_check_fails_the_build_not_a_later_verification(pool: PgPool) {
+    let env = Env::new(&[]);
+    let mut spec = tool_runtime();
+    spec["checks"] = json!([{"name": "imports", "command": "{env_path}/bin/tool",
+                             "args": ["{no_such_var}"]}]);
+    add_runtime(&pool, "t.tool", spec).await;
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "t.tool").await;
+    env.worker(&pool).drain().await.unwrap();
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "failed");
+    let error = r.install_error.unwrap();
+    assert!(
+        error.contains("runtime t.tool: check 'imports', args[0]: ")
+            && error.contains("no_such_var"),
+        "{error}"
+    );
+}
