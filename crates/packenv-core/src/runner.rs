@@ -131,6 +131,9 @@ pub fn missing(program: &str, path_var: Option<&str>) -> Option<String> {
         path_var,
     ) {
         (Some(p), _) => p,
+        // A relative or empty entry is looked up from the child's working directory, not
+        // this process's: no verdict then.
+        (None, Some(p)) if std::env::split_paths(p).any(|d| !d.is_absolute()) => return None,
         (None, Some(_)) => return Some(not_on_path(program, path_var)),
         // Where an unset PATH looks is the C library's business.
         (None, None) => return None,
@@ -436,6 +439,7 @@ mod tests {
             Some("`uv-xyz` not found on PATH (PATH=/nonexistent)".into())
         );
         assert_eq!(missing("uv-xyz", None), None);
+        assert_eq!(missing("uv-xyz", Some("/nonexistent:bin")), None);
         assert_eq!(
             describe_missing("uv-xyz", None),
             "`uv-xyz` not found: PATH is not set"
