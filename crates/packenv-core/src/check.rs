@@ -321,26 +321,22 @@ async fn run_checks(
     for check in &plan.checks {
         let mut inv = check.inv.clone();
         inv.timeout = cfg.timeout;
-        let fail = |outcome: String, tail: String| CheckError::RuntimeCheck {
-            name: check.name.clone(),
-            command: check.inv.display(),
-            outcome,
-            tail,
-        };
-        let found = match probe::resolve_executable(&inv.program, plan.path_var()) {
-            Some(p) => blocking(move || p.exists()).await,
-            None => false,
-        };
-        if !found {
+        let (program, path_var) = (inv.program.clone(), plan.path_var().to_owned());
+        if let Some(missing) = blocking(move || runner::missing(&program, Some(&path_var))).await {
             return Err(CheckError::CheckCommandNotFound {
                 name: check.name.clone(),
-                missing: runner::describe_missing(&inv.program, Some(plan.path_var())),
+                missing,
             });
         }
         let out = BuildLog::new(8192);
         let outcome = runner::run(&inv, &out, &cancel).await;
         if !outcome.success() {
-            return Err(fail(outcome.to_string(), tail_lines(&out.render(), 5, 600)));
+            return Err(CheckError::RuntimeCheck {
+                name: check.name.clone(),
+                command: check.inv.display(),
+                outcome: outcome.to_string(),
+                tail: tail_lines(&out.render(), 5, 600),
+            });
         }
     }
     Ok(())
