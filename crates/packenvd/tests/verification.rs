@@ -542,3 +542,42 @@ async fn a_bad_template_in_a_check_fails_the_build_not_a_later_verification(pool
         "{error}"
     );
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_passing_verification_clears_an_error_left_on_a_ready_row(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    // What an older packenvd or an operator's hand may have left on a row that is ready.
+    for table in ["pack_environment_node", "pack_environment"] {
+        let key = if table == "pack_environment" {
+            "id"
+        } else {
+            "env_id"
+        };
+        sqlx::query(&format!(
+            "UPDATE {table} SET install_error = 'verification failed: inputs changed: ...',
+                    last_verify_result = 'inputs changed: ...' WHERE {key} = $1"
+        ))
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let found = run_pass(&pool, &env.settings, &Scope::All).await.unwrap();
+    assert!(found[0].failure.is_none(), "{found:?}");
+    let row: (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status::text, install_error, last_verify_result FROM pack_environment WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row, ("ready".into(), None, Some("ok".into())));
+    let out = packenvd(&env, &pool, &["status"]);
+    assert!(
+        !stdout_of(&out).contains("inputs changed"),
+        "{}",
+        stdout_of(&out)
+    );
+}
