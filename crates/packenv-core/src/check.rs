@@ -1,6 +1,7 @@
 //! The checks of a ready environment (DESIGN §7), cheapest first: the link, the executables, the
-//! inputs, the installed packages. No database: the `packenvd` crate takes the rows and writes
-//! the results.
+//! inputs, the installed packages (Python: every recorded file exists, then `pip check`;
+//! Node.js: `npm ls` finds every dependency), then the runtime's own `checks`. No database: the
+//! `packenvd` crate takes the rows and writes the results.
 //!
 //! What runs is derived from the runtime's spec and the build directory the link names, never
 //! from the row's `metadata` (DESIGN §6: no path is run because a row names it).
@@ -16,6 +17,7 @@ use crate::fingerprint::{fingerprint, inputs_digest};
 use crate::layout::{EnvLocation, LayoutError};
 use crate::log::{tail_lines, BuildLog};
 use crate::runner::{self, Invocation};
+use crate::spec::{Interpreter, RuntimeSpec};
 use crate::target::{BuildConfig, Target};
 use crate::{blocking, probe};
 
@@ -66,6 +68,28 @@ pub enum CheckError {
     Manifest(#[from] crate::fingerprint::ManifestError),
     #[error("`{command}` {outcome}: {tail}")]
     PipCheck {
+        command: String,
+        outcome: String,
+        tail: String,
+    },
+    #[error(transparent)]
+    Installed(#[from] crate::installed::RecordProblem),
+    #[error("node_modules lacks dependencies: `{command}` {outcome}: {problems}")]
+    NpmLs {
+        command: String,
+        outcome: String,
+        /// npm's own words: `missing: dep@^1, required by pack@1.0.0`, ...
+        problems: String,
+    },
+    #[error("check '{name}': {missing}")]
+    CheckCommandNotFound {
+        name: String,
+        /// "`x` not found on PATH (PATH=...)", or which file of a path is missing.
+        missing: String,
+    },
+    #[error("check '{name}' (`{command}`) {outcome}: {tail}")]
+    RuntimeCheck {
+        name: String,
         command: String,
         outcome: String,
         tail: String,
@@ -141,7 +165,7 @@ pub async fn check(cfg: &CheckConfig, target: &Target) -> Result<(), CheckError>
     let scratch = Scratch::create(&cfg.build, &tmp, None, user)
         .await
         .map_err(CheckError::Local)?;
-    let result = run_checks(cfg, target, &plan, &build, &tools).await;
+    let result = run_checks(cfg, target, &spec, &plan, &build, &tools).await;
     scratch.remove().await;
     result
 }
@@ -156,10 +180,11 @@ fn check_tmp_name() -> String {
     )
 }
 
-/// Checks 2 to 4, on the build the link names.
+/// Checks 2 to 7, on the build the link names.
 async fn run_checks(
     cfg: &CheckConfig,
     target: &Target,
+    spec: &RuntimeSpec,
     plan: &Plan,
     build: &Path,
     tools: &Toolchain,
@@ -239,7 +264,14 @@ async fn run_checks(
         }
     }
 
-    // 4. For Python: installed packages are consistent. A venv without pip is checked with
+    // 4. For Python: every file each installed distribution recorded is still there, read by
+    // the daemon (a deleted module breaks the action while the interpreter runs and pip check,
+    // which reads only metadata, passes).
+    let b = build.to_owned();
+    blocking(move || crate::installed::check_python(&b, crate::installed::Budget::default()))
+        .await?;
+
+    // 5. For Python: installed packages are consistent. A venv without pip is checked with
     // the host's uv, else with the chosen interpreter's pip pointed at it.
     if let (true, Some(python)) = (cfg.pip_check, paths.get("python")) {
         let mut env = plan.base_env.clone();
@@ -278,7 +310,120 @@ async fn run_checks(
             }
         }
     }
+
+    // 6. For Node.js: node_modules holds every dependency package.json asks for. A platform's
+    // own runtime may not say `interpreter`; its `node` executable says as much.
+    if spec.interpreter == Some(Interpreter::Node) || plan.executables.contains_key("node") {
+        npm_ls(cfg, plan, build, &cancel).await?;
+    }
+
+    // 7. The runtime's own checks, in the order the spec lists them.
+    for check in &plan.checks {
+        let mut inv = check.inv.clone();
+        inv.timeout = cfg.timeout;
+        let (program, path_var) = (inv.program.clone(), plan.path_var().to_owned());
+        if let Some(missing) = blocking(move || runner::missing(&program, Some(&path_var))).await {
+            return Err(CheckError::CheckCommandNotFound {
+                name: check.name.clone(),
+                missing,
+            });
+        }
+        let out = BuildLog::new(8192);
+        let outcome = runner::run(&inv, &out, &cancel).await;
+        if !outcome.success() {
+            return Err(CheckError::RuntimeCheck {
+                name: check.name.clone(),
+                command: check.inv.display(),
+                outcome: outcome.to_string(),
+                tail: tail_lines(&out.render(), 5, 600),
+            });
+        }
+    }
     Ok(())
+}
+
+/// `npm ls` over the production dependencies of a Node.js build with a `package.json`, confined
+/// like the other checks. It needs neither the network nor the shared cache: npm is told to
+/// stay offline and to keep its cache and logs in the check's private tmp.
+async fn npm_ls(
+    cfg: &CheckConfig,
+    plan: &Plan,
+    build: &Path,
+    cancel: &CancellationToken,
+) -> Result<(), CheckError> {
+    // Without npm the build did not use it either.
+    let Some(npm) = probe::resolve_executable("npm", plan.path_var()) else {
+        return Ok(());
+    };
+    let b = build.to_owned();
+    let project = blocking(move || {
+        let file = |name: &str| b.join(name).symlink_metadata().is_ok_and(|m| m.is_file());
+        // Yarn's Plug'n'Play keeps no node_modules for npm to read.
+        file("package.json") && !file(".pnp.cjs") && !file(".pnp.js")
+    })
+    .await;
+    if !project {
+        return Ok(());
+    }
+    let mut env = plan.base_env.clone();
+    for (key, value) in [
+        (
+            "npm_config_cache",
+            plan.tmp_dir.join("npm").display().to_string(),
+        ),
+        ("npm_config_offline", "true".into()),
+        ("npm_config_logs_max", "0".into()),
+        ("npm_config_update_notifier", "false".into()),
+    ] {
+        env.insert(key.into(), value);
+    }
+    let inv = Invocation {
+        program: npm.display().to_string(),
+        args: ["ls", "--omit=dev", "--all", "--parseable"]
+            .map(String::from)
+            .to_vec(),
+        cwd: build.to_owned(),
+        env,
+        timeout: cfg.timeout,
+        supervised: plan.check.clone(),
+    };
+    let out = BuildLog::new(16384);
+    let outcome = runner::run(&inv, &out, cancel).await;
+    if outcome.success() {
+        return Ok(());
+    }
+    let text = out.render();
+    let problems: Vec<&str> = text
+        .lines()
+        .map(|l| {
+            l.trim()
+                .trim_start_matches("npm error ")
+                .trim_start_matches("npm ERR! ")
+        })
+        .filter(|l| {
+            ["missing:", "invalid:", "extraneous:"]
+                .iter()
+                .any(|p| l.starts_with(p))
+        })
+        .collect();
+    Err(CheckError::NpmLs {
+        command: inv.display(),
+        outcome: outcome.to_string(),
+        problems: if problems.is_empty() {
+            tail_lines(&text, 5, 600)
+        } else {
+            let mut p = problems.join("; ");
+            if p.len() > 600 {
+                let cut = (0..=600)
+                    .rev()
+                    .find(|&i| p.is_char_boundary(i))
+                    .unwrap_or(0);
+                p.truncate(cut);
+                p.push('…');
+            }
+            p
+        },
+    })
 }
 
 /// The build directory the link names, if it is inside the envs root and the one recorded.

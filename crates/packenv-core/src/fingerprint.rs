@@ -34,7 +34,7 @@ impl ManifestError {
     }
 }
 
-fn kind_of(t: std::fs::FileType) -> &'static str {
+pub(crate) fn kind_of(t: std::fs::FileType) -> &'static str {
     if t.is_dir() {
         "a directory"
     } else if t.is_fifo() {
@@ -113,8 +113,8 @@ pub const MANIFESTS: &[&str] = &[
 const INCLUDE_DEPTH: usize = 8;
 const INCLUDE_FILES: usize = 64;
 
-/// A hex SHA-256 over the spec (serde_json writes object keys sorted, so equal specs hash
-/// equally), each manifest's name and content (or its absence), the files its `-r`/`-c`
+/// A hex SHA-256 over the spec but its `checks` (serde_json writes object keys sorted, so equal
+/// specs hash equally), each manifest's name and content (or its absence), the files its `-r`/`-c`
 /// includes name, and `toolchain` (the interpreter chosen for the pack, and why). Taken before
 /// a build runs, so it describes the inputs the build started from. Blocking: call it off the
 /// async threads.
@@ -125,8 +125,18 @@ pub fn inputs_digest(
 ) -> Result<String, ManifestError> {
     let mut h = Sha256::new();
     h.update(b"packenvd-inputs-v1\0spec\0");
-    // A Value always serialises.
-    h.update(serde_json::to_vec(installers).unwrap_or_default());
+    // A Value always serialises. The runtime's `checks` install nothing: adding or changing one
+    // must not rebuild every environment of the runtime (and a spec without them hashes as it
+    // always did).
+    let spec = match installers {
+        serde_json::Value::Object(m) if m.contains_key("checks") => {
+            let mut m = m.clone();
+            m.remove("checks");
+            serde_json::to_vec(&m)
+        }
+        other => serde_json::to_vec(other),
+    };
+    h.update(spec.unwrap_or_default());
     let mut included = Vec::new();
     for name in MANIFESTS {
         h.update(b"\0file\0");
@@ -271,6 +281,24 @@ mod tests {
                 PathBuf::from("sub/dev/extra.txt"),
                 PathBuf::from("sub/constraints/pins.txt"),
             ]
+        );
+    }
+
+    #[test]
+    fn a_runtimes_checks_are_not_an_input() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = serde_json::json!({"installers": [{"name": "a", "command": "true"}]});
+        let mut with_checks = spec.clone();
+        with_checks["checks"] = serde_json::json!([{"name": "c", "command": "true"}]);
+        assert_eq!(
+            inputs_digest(&spec, dir.path(), "").unwrap(),
+            inputs_digest(&with_checks, dir.path(), "").unwrap()
+        );
+        let mut other = spec.clone();
+        other["env_vars"] = serde_json::json!({"A": "1"});
+        assert_ne!(
+            inputs_digest(&spec, dir.path(), "").unwrap(),
+            inputs_digest(&other, dir.path(), "").unwrap()
         );
     }
 

@@ -9,6 +9,8 @@
 //! - [`build`]: one build, from spec to a finished, checked build directory, and the
 //!   [`build::Switch`] that puts it in service; typed [`build::BuildError`]s.
 //! - [`check`]: the verification checks of a ready environment.
+//! - [`installed`]: whether the files Python installers recorded (`*.dist-info/RECORD`) are
+//!   still on disk, read without running anything of the environment.
 //! - [`runner`]: runs one command under the step supervisor (or, unsupervised, in its own
 //!   process group) with a scrubbed environment, a timeout, and output captured into a
 //!   [`log::CappedLog`].
@@ -28,6 +30,7 @@ pub mod build;
 pub mod check;
 pub mod fingerprint;
 pub mod fsat;
+pub mod installed;
 pub mod inuse;
 pub mod layout;
 pub mod log;

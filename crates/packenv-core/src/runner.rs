@@ -120,12 +120,122 @@ impl std::fmt::Display for Outcome {
     }
 }
 
+/// Why `program` cannot be started for want of a file, if that can be told without running
+/// anything: a bare name on no directory of `path_var`, a path that does not exist (a dangling
+/// link included), or a script whose `#!` interpreter does not exist (a venv whose Python was
+/// removed; `#!/usr/bin/env NAME` with NAME on no directory of `path_var`). None when it may
+/// start, or when a file cannot be looked at (the kernel will say). Blocking.
+pub fn missing(program: &str, path_var: Option<&str>) -> Option<String> {
+    let path = match (
+        crate::probe::resolve_executable(program, path_var.unwrap_or("")),
+        path_var,
+    ) {
+        (Some(p), _) => p,
+        // A relative or empty entry is looked up from the child's working directory, not
+        // this process's: no verdict then.
+        (None, Some(p)) if std::env::split_paths(p).any(|d| !d.is_absolute()) => return None,
+        (None, Some(_)) => return Some(not_on_path(program, path_var)),
+        // Where an unset PATH looks is the C library's business.
+        (None, None) => return None,
+    };
+    match std::fs::metadata(&path) {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Some(match std::fs::read_link(&path) {
+                Ok(target) => format!(
+                    "`{}` is a link to `{}`, which does not exist",
+                    path.display(),
+                    target.display()
+                ),
+                Err(_) => format!("`{}` does not exist", path.display()),
+            })
+        }
+        Err(_) => return None,
+    }
+    let (interpreter, arg) = shebang(&path)?;
+    if !interpreter.starts_with('/') {
+        return None;
+    }
+    let shown = path.display();
+    let gone = |p: &std::path::Path| {
+        std::fs::metadata(p).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound)
+    };
+    if gone(std::path::Path::new(&interpreter)) {
+        return Some(format!(
+            "`{shown}` names `{interpreter}` in its #! line, which does not exist"
+        ));
+    }
+    let name = arg.filter(|a| !a.starts_with('-') && !a.contains('/'))?;
+    if interpreter.ends_with("/env")
+        && crate::probe::resolve_executable(&name, path_var.unwrap_or("")).is_none()
+    {
+        return Some(format!(
+            "`{shown}` runs `{name}` through `{interpreter}` (its #! line), and {}",
+            not_on_path(&name, path_var)
+        ));
+    }
+    None
+}
+
+/// [`missing`], or the kernel's words when nothing better is known: for a command that did not
+/// start with ENOENT.
+pub fn describe_missing(program: &str, path_var: Option<&str>) -> String {
+    missing(program, path_var).unwrap_or_else(|| {
+        if path_var.is_none() && !program.contains('/') {
+            return not_on_path(program, path_var);
+        }
+        format!("`{program}` could not be started: a file it needs (its #! interpreter or its dynamic loader) does not exist")
+    })
+}
+
+fn not_on_path(name: &str, path_var: Option<&str>) -> String {
+    match path_var {
+        Some(p) => format!("`{name}` not found on PATH (PATH={p})"),
+        None => format!("`{name}` not found: PATH is not set"),
+    }
+}
+
+/// The interpreter of a script's `#!` line and its one argument. The file may be the
+/// environment's (untrusted): read only if it is a regular file, without blocking, and at most
+/// the first line's worth of bytes.
+fn shebang(path: &std::path::Path) -> Option<(String, Option<String>)> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(open_flags())
+        .open(path)
+        .ok()?;
+    if !file.metadata().ok()?.is_file() {
+        return None;
+    }
+    let mut head = Vec::with_capacity(256);
+    file.take(256).read_to_end(&mut head).ok()?;
+    let line = head.strip_prefix(b"#!")?;
+    let line = &line[..line.iter().position(|&b| b == b'\n')?];
+    let line = String::from_utf8_lossy(line);
+    let mut words = line.split_whitespace();
+    let interpreter = words.next()?.to_owned();
+    Some((interpreter, words.next().map(str::to_owned)))
+}
+
+/// Not blocking on a FIFO, not taking a terminal.
+fn open_flags() -> i32 {
+    (rustix::fs::OFlags::NONBLOCK | rustix::fs::OFlags::NOCTTY).bits() as i32
+}
+
 /// After the main process ends, how long to wait for the output pipes to drain. A grandchild
 /// that left the process group (setsid) can hold them open forever.
 const DRAIN_GRACE: Duration = Duration::from_secs(5);
 
 /// Runs `inv`, appending its stdout and stderr to `log`.
 pub async fn run(inv: &Invocation, log: &BuildLog, cancel: &CancellationToken) -> Outcome {
+    // Asked before starting so that a missing command reads as one whether or not it runs
+    // under the supervisor (whose own failure to start it would be only an exit status).
+    let (program, path_var) = (inv.program.clone(), inv.env.get("PATH").cloned());
+    if let Some(why) = crate::blocking(move || missing(&program, path_var.as_deref())).await {
+        return Outcome::SpawnFailed(std::io::Error::new(std::io::ErrorKind::NotFound, why));
+    }
     let mut cmd = match &inv.supervised {
         None => {
             let mut cmd = tokio::process::Command::new(&inv.program);
@@ -157,6 +267,10 @@ pub async fn run(inv: &Invocation, log: &BuildLog, cancel: &CancellationToken) -
         .kill_on_drop(true);
     let mut child = match cmd.spawn() {
         Ok(child) => child,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let why = describe_missing(&inv.program, inv.env.get("PATH").map(String::as_str));
+            return Outcome::SpawnFailed(std::io::Error::new(e.kind(), why));
+        }
         Err(e) => return Outcome::SpawnFailed(e),
     };
     let mut control = child.stdin.take();
@@ -308,6 +422,64 @@ mod tests {
         )
         .await;
         assert!(matches!(out, Outcome::SpawnFailed(_)), "{out:?}");
+        assert_eq!(
+            out.to_string(),
+            "could not be started: `no-such-command-xyz` not found on PATH (PATH=/usr/bin:/bin)"
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_named_for_what_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().display();
+        let path = Some("/usr/bin:/bin");
+        assert_eq!(missing("sh", path), None);
+        assert_eq!(
+            missing("uv-xyz", Some("/nonexistent")),
+            Some("`uv-xyz` not found on PATH (PATH=/nonexistent)".into())
+        );
+        assert_eq!(missing("uv-xyz", None), None);
+        assert_eq!(missing("uv-xyz", Some("/nonexistent:bin")), None);
+        assert_eq!(
+            describe_missing("uv-xyz", None),
+            "`uv-xyz` not found: PATH is not set"
+        );
+        assert_eq!(
+            missing(&format!("{d}/bin/pip"), path),
+            Some(format!("`{d}/bin/pip` does not exist"))
+        );
+        let link = dir.path().join("python");
+        std::os::unix::fs::symlink("/nonexistent/python3", &link).unwrap();
+        assert_eq!(
+            missing(&link.display().to_string(), path),
+            Some(format!(
+                "`{d}/python` is a link to `/nonexistent/python3`, which does not exist"
+            ))
+        );
+        let script = |name: &str, text: &str| {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+                .unwrap();
+            p.display().to_string()
+        };
+        let pip = script("pip", "#!/old/venv/bin/python -E\nimport pip\n");
+        assert_eq!(
+            missing(&pip, path),
+            Some(format!(
+                "`{pip}` names `/old/venv/bin/python` in its #! line, which does not exist"
+            ))
+        );
+        let tool = script("tool", "#!/usr/bin/env no-such-python-xyz\n");
+        assert_eq!(
+            missing(&tool, path),
+            Some(format!("`{tool}` runs `no-such-python-xyz` through `/usr/bin/env` (its #! line), and `no-such-python-xyz` not found on PATH (PATH=/usr/bin:/bin)"))
+        );
+        assert_eq!(missing(&script("ok", "#!/bin/sh\ntrue\n"), path), None);
+        // A FIFO is not read (it would block) and is left for the kernel to judge.
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o755)).unwrap();
+        assert_eq!(missing(&fifo.display().to_string(), path), None);
     }
 
     #[test]

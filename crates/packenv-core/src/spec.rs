@@ -25,6 +25,8 @@ pub struct RuntimeSpec {
     pub interpreter: Option<Interpreter>,
     /// A version constraint on it that every pack of the runtime needs (`">=3.9"`).
     pub interpreter_version: Option<String>,
+    /// The runtime's own verification commands, run after packenvd's checks.
+    pub checks: Vec<Check>,
 }
 
 /// One installer step.
@@ -52,6 +54,23 @@ pub struct Step {
     /// Overrides the daemon's step timeout.
     #[serde(default, deserialize_with = "humantime_opt")]
     pub timeout: Option<Duration>,
+}
+
+/// A command verification runs in a ready environment (DESIGN §7), with the same template
+/// variables as a step, in the build directory, confined like the other checks and cut at
+/// `verify_timeout`. A non-zero exit makes the environment `outdated`, naming the check.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Check {
+    /// Names the check in the reason of a failure; unique within the runtime.
+    pub name: String,
+    #[serde(default)]
+    pub description: Option<String>,
+    pub command: String,
+    #[serde(default)]
+    pub args: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// Runs the step only when every part of the condition holds. Paths are templated; relative
@@ -131,6 +150,8 @@ struct SpecObject {
     interpreter: Option<Interpreter>,
     #[serde(default)]
     interpreter_version: Option<String>,
+    #[serde(default)]
+    checks: Vec<Check>,
 }
 
 fn yes() -> bool {
@@ -166,6 +187,7 @@ impl RuntimeSpec {
                 requires_environment: true,
                 interpreter: None,
                 interpreter_version: None,
+                checks: Vec::new(),
             },
             serde_json::Value::Object(_) => parse_at(value)?,
             other => {
@@ -194,6 +216,21 @@ impl RuntimeSpec {
                 });
             }
         }
+        for (i, check) in spec.checks.iter().enumerate() {
+            if check.name.trim().is_empty() || check.command.trim().is_empty() {
+                return Err(SpecError {
+                    path: format!("checks[{i}]"),
+                    message: "a check needs a non-empty name and command".into(),
+                });
+            }
+            // The name is all a failure's reason says of which check failed.
+            if spec.checks[..i].iter().any(|c| c.name == check.name) {
+                return Err(SpecError {
+                    path: format!("checks[{i}].name"),
+                    message: format!("another check is already named {:?}", check.name),
+                });
+            }
+        }
         // Stable sort: steps with equal `order` run in the order they are written.
         steps.sort_by_key(|s| s.order);
         Ok(RuntimeSpec {
@@ -204,6 +241,7 @@ impl RuntimeSpec {
             requires_environment: spec.requires_environment,
             interpreter: spec.interpreter,
             interpreter_version: spec.interpreter_version,
+            checks: spec.checks,
         })
     }
 }
@@ -286,6 +324,40 @@ mod tests {
         assert_eq!(err.path, "[0].condition");
         let err = RuntimeSpec::from_json(&json!({"interpreter": "ruby"})).unwrap_err();
         assert_eq!(err.path, "interpreter");
+    }
+
+    #[test]
+    fn checks_are_parsed_strictly_and_named_uniquely() {
+        let spec = RuntimeSpec::from_json(&json!({"checks": [
+            {"name": "imports", "command": "{env_path}/bin/python", "args": ["-c", "import x"],
+             "env": {"A": "1"}, "description": "the pack's modules import"}
+        ]}))
+        .unwrap();
+        assert_eq!(spec.checks[0].name, "imports");
+        assert_eq!(spec.checks[0].args, ["-c", "import x"]);
+        assert!(RuntimeSpec::from_json(&json!([]))
+            .unwrap()
+            .checks
+            .is_empty());
+
+        let err = RuntimeSpec::from_json(
+            &json!({"checks": [{"name": "a", "command": "x", "timeout": "1s"}]}),
+        )
+        .unwrap_err();
+        assert_eq!(err.path, "checks[0].timeout");
+        let err = RuntimeSpec::from_json(&json!({"checks": [{"name": "a"}]})).unwrap_err();
+        assert_eq!(err.path, "checks[0]");
+        assert!(err.message.contains("command"), "{err}");
+        let err = RuntimeSpec::from_json(&json!({"checks": [{"name": " ", "command": "x"}]}))
+            .unwrap_err();
+        assert_eq!(err.path, "checks[0]");
+        let err = RuntimeSpec::from_json(&json!({"checks": [
+            {"name": "a", "command": "x"}, {"name": "a", "command": "y"}
+        ]}))
+        .unwrap_err();
+        assert_eq!(err.path, "checks[1].name");
+        let err = RuntimeSpec::from_json(&json!({"checks": {"name": "a"}})).unwrap_err();
+        assert_eq!(err.path, "checks");
     }
 
     #[test]

@@ -218,10 +218,14 @@ pub fn main(args: &[OsString]) -> ! {
     {
         Ok(c) => c,
         Err(e) => {
-            eprintln!("packenvd supervisor: cannot start {program:?}: {e}");
             std::process::exit(if e.kind() == std::io::ErrorKind::NotFound {
+                let path = std::env::var("PATH").ok();
+                let program = program.to_string_lossy();
+                let why = crate::runner::describe_missing(&program, path.as_deref());
+                eprintln!("packenvd supervisor: cannot start {program:?}: {why}");
                 127
             } else {
+                eprintln!("packenvd supervisor: cannot start {program:?}: {e}");
                 SUPERVISOR_FAILED
             });
         }

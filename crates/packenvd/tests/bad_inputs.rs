@@ -174,3 +174,53 @@ async fn a_missing_command_fails_at_once_naming_it(pool: PgPool) {
         "{error}"
     );
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_missing_script_is_named_not_reported_as_an_os_error(pool: PgPool) {
+    let env = Env::new(&[]);
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    add_runtime(
+        &pool,
+        "t.noscript",
+        json!([{"name": "install", "command": "{pack_path}/install.sh"}]),
+    )
+    .await;
+    let id = request(&pool, "p", "t.noscript").await;
+    let error = fails_alone(&pool, &env, id).await;
+    let script = env.settings.packs_dir.join("p/install.sh");
+    assert!(
+        error.contains(&format!(
+            "step 'install' (`{0}`) could not be started: `{0}` does not exist",
+            script.display()
+        )) && !error.contains("os error"),
+        "{error}"
+    );
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_script_whose_interpreter_is_gone_names_the_interpreter(pool: PgPool) {
+    let env = Env::new(&[]);
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    // As in a venv whose Python was removed.
+    add_runtime(
+        &pool,
+        "t.nointerp",
+        json!([
+            {"name": "make", "order": 1, "command": "sh", "args": ["-c",
+             "mkdir -p {env_path}/bin && printf '#!{env_path}/gone/python\\n' > {env_path}/bin/tool && chmod +x {env_path}/bin/tool"]},
+            {"name": "run", "order": 2, "command": "{env_path}/bin/tool"}
+        ]),
+    )
+    .await;
+    let id = request(&pool, "p", "t.nointerp").await;
+    let error = fails_alone(&pool, &env, id).await;
+    assert!(
+        error.contains("step 'run' (`")
+            && error.contains("/bin/tool` names `")
+            && error.contains("/gone/python` in its #! line, which does not exist")
+            && !error.contains("os error"),
+        "{error}"
+    );
+}

@@ -198,6 +198,173 @@ async fn an_edited_requirements_txt_makes_the_row_outdated_because_inputs_change
     assert!(reason.starts_with("inputs changed"), "{reason}");
     let r = row(&pool, id).await;
     assert_eq!(r.status, "outdated");
+
+    // The rebuild succeeds: nothing of the old verdict is left on the row or in `status`.
+    env.worker(&pool).drain().await.unwrap();
+    let (status, result, error): (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status::text, last_verify_result, install_error FROM pack_environment WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!((status.as_str(), result, error), ("ready", None, None));
+    let out = packenvd(&env, &pool, &["status"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("ready") && !stdout.contains("inputs changed"),
+        "{stdout}"
+    );
+}
+
+/// The real binary, against the test's database and directories.
+fn packenvd(env: &Env, pool: &PgPool, args: &[&str]) -> std::process::Output {
+    let s = &env.settings;
+    std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"))
+        .args(args)
+        .env("DATABASE_URL", database_url(pool))
+        .env("PACKENVD_ENVS_ROOT", &s.envs_root)
+        .env("PACKENVD_PACKS_DIR", &s.packs_dir)
+        .env("PACKENVD_CACHE_DIR", &s.cache_dir)
+        .output()
+        .unwrap()
+}
+
+fn stdout_of(out: &std::process::Output) -> String {
+    format!(
+        "{}\n--- stderr ---\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn packenvd_verify_finds_a_deleted_module_file_and_a_pass_after_the_rebuild_clears_it(
+    pool: PgPool,
+) {
+    let env = Env::new(&[]);
+    let reqs = wheel_requirements(&env.dir.path().join("wheels"));
+    env.pack_dir("p", &[("requirements.txt", &reqs)]);
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "core.python").await;
+    env.worker(&pool).drain().await.unwrap();
+    let built = row(&pool, id).await;
+    assert_eq!(built.status, "ready", "{:?}", built.install_error);
+    let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+
+    // The interpreter still runs and pip check reads only metadata: the deleted module is
+    // found from the distribution's RECORD.
+    let build = Path::new(built.metadata["build_dir"].as_str().unwrap());
+    let module = std::fs::read_dir(build.join("lib"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .join("site-packages/packenvd_fixture/__init__.py")
+        })
+        .find(|p| p.exists())
+        .expect("the installed module");
+    std::fs::remove_file(&module).unwrap();
+    let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout_of(&out));
+    assert!(
+        stdout_of(&out).contains(
+            "BROKEN  p core.python: package packenvd-fixture 0.1.0 is missing packenvd_fixture/__init__.py"
+        ),
+        "{}",
+        stdout_of(&out)
+    );
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "outdated");
+
+    env.worker(&pool).drain().await.unwrap();
+    assert_eq!(python_import(&row(&pool, id).await), "0.1.0");
+    let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+    let result: Option<String> =
+        sqlx::query_scalar("SELECT last_verify_result FROM pack_environment WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(result.as_deref(), Some("ok"));
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn packenvd_verify_fails_a_node_environment_whose_node_modules_was_deleted(pool: PgPool) {
+    let env = Env::new(&[]);
+    let dep = fixtures().join("node-dep").canonicalize().unwrap();
+    let package_json = json!({
+        "name": "nodep", "version": "1.0.0", "private": true,
+        "dependencies": {"packenvd-fixture-dep": format!("file:{}", dep.display())}
+    });
+    env.pack_dir("nodep", &[("package.json", &package_json.to_string())]);
+    add_pack(&pool, "nodep").await;
+    let id = request(&pool, "nodep", "core.nodejs").await;
+    env.worker(&pool).drain().await.unwrap();
+    let built = row(&pool, id).await;
+    assert_eq!(built.status, "ready", "{:?}", built.install_error);
+    let out = packenvd(&env, &pool, &["verify", "nodep", "core.nodejs"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+
+    let build = Path::new(built.metadata["build_dir"].as_str().unwrap());
+    std::fs::remove_dir_all(build.join("node_modules")).unwrap();
+    let out = packenvd(&env, &pool, &["verify", "nodep", "core.nodejs"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout_of(&out));
+    let text = stdout_of(&out);
+    assert!(
+        text.contains("BROKEN  nodep core.nodejs: node_modules lacks dependencies")
+            && text.contains("missing: packenvd-fixture-dep@"),
+        "{text}"
+    );
+    assert_eq!(status_of(&pool, id).await, "outdated");
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_failing_check_of_the_runtimes_spec_marks_the_environment_broken(pool: PgPool) {
+    let env = Env::new(&[]);
+    let mut spec = tool_runtime();
+    spec["checks"] = json!([
+        {"name": "tool answers", "command": "{env_path}/bin/tool"},
+        {"name": "config present", "command": "test", "args": ["-e", "{pack_path}/tool.conf"]}
+    ]);
+    add_runtime(&pool, "t.tool", spec).await;
+    let id = ready_tool_env(&pool, &env, "p", &[("tool.conf", "")]).await;
+    let out = packenvd(&env, &pool, &["verify", "p", "t.tool"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+
+    std::fs::remove_file(env.settings.packs_dir.join("p/tool.conf")).unwrap();
+    let out = packenvd(&env, &pool, &["verify", "p", "t.tool"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout_of(&out));
+    let text = stdout_of(&out);
+    assert!(
+        text.contains("BROKEN  p t.tool: check 'config present' (`test -e ")
+            && text.contains("exited with status 1"),
+        "{text}"
+    );
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "outdated");
+    assert!(r
+        .install_error
+        .unwrap()
+        .starts_with("verification failed: check 'config present'"),);
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_check_whose_command_is_missing_says_so_with_the_path(pool: PgPool) {
+    let env = Env::new(&[]);
+    let mut spec = tool_runtime();
+    spec["checks"] = json!([{"name": "lint", "command": "no-such-checker-xyz"}]);
+    add_runtime(&pool, "t.tool", spec).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    let found = run_pass(&pool, &env.settings, &Scope::All).await.unwrap();
+    let reason = found[0].failure.clone().expect("a failure");
+    assert!(
+        reason.starts_with("check 'lint': `no-such-checker-xyz` not found on PATH (PATH=/"),
+        "{reason}"
+    );
+    assert_eq!(status_of(&pool, id).await, "outdated");
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
@@ -353,4 +520,64 @@ async fn packenvd_verify_exits_0_when_all_is_well_and_1_when_something_is_broken
         "{stdout}"
     );
     assert_eq!(status_of(&pool, id).await, "outdated");
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_bad_template_in_a_check_fails_the_build_not_a_later_verification(pool: PgPool) {
+    let env = Env::new(&[]);
+    let mut spec = tool_runtime();
+    spec["checks"] = json!([{"name": "imports", "command": "{env_path}/bin/tool",
+                             "args": ["{no_such_var}"]}]);
+    add_runtime(&pool, "t.tool", spec).await;
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    let id = request(&pool, "p", "t.tool").await;
+    env.worker(&pool).drain().await.unwrap();
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "failed");
+    let error = r.install_error.unwrap();
+    assert!(
+        error.contains("runtime t.tool: check 'imports', args[0]: ")
+            && error.contains("no_such_var"),
+        "{error}"
+    );
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_passing_verification_clears_an_error_left_on_a_ready_row(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    let id = ready_tool_env(&pool, &env, "p", &[]).await;
+    // What an older packenvd or an operator's hand may have left on a row that is ready.
+    for table in ["pack_environment_node", "pack_environment"] {
+        let key = if table == "pack_environment" {
+            "id"
+        } else {
+            "env_id"
+        };
+        sqlx::query(&format!(
+            "UPDATE {table} SET install_error = 'verification failed: inputs changed: ...',
+                    last_verify_result = 'inputs changed: ...' WHERE {key} = $1"
+        ))
+        .bind(id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    }
+    let found = run_pass(&pool, &env.settings, &Scope::All).await.unwrap();
+    assert!(found[0].failure.is_none(), "{found:?}");
+    let row: (String, Option<String>, Option<String>) = sqlx::query_as(
+        "SELECT status::text, install_error, last_verify_result FROM pack_environment WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(row, ("ready".into(), None, Some("ok".into())));
+    let out = packenvd(&env, &pool, &["status"]);
+    assert!(
+        !stdout_of(&out).contains("inputs changed"),
+        "{}",
+        stdout_of(&out)
+    );
 }

@@ -18,7 +18,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 pub use error::{BuildError, Failure};
-pub use plan::{parse_spec, Plan, PlannedCondition, PlannedStep, Toolchain};
+pub use plan::{parse_spec, Plan, PlannedCheck, PlannedCondition, PlannedStep, Toolchain};
 
 use crate::fingerprint::{fingerprint, inputs_digest};
 use crate::layout::{self, EnvLocation, LayoutError};

@@ -21,6 +21,14 @@ pub struct PlannedStep {
     pub inv: Invocation,
 }
 
+/// A runtime's own check (spec `checks`), rendered: runs in the build directory, confined like
+/// the other checks; the checker sets its timeout.
+#[derive(Debug, Clone)]
+pub struct PlannedCheck {
+    pub name: String,
+    pub inv: Invocation,
+}
+
 /// A step's condition, rendered: absolute paths and bare command names.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PlannedCondition {
@@ -80,6 +88,9 @@ pub struct Plan {
     pub tmp_dir: PathBuf,
     /// How the executable checks run: confined like the steps, but writing only to the tmp.
     pub check: Option<Supervised>,
+    /// The runtime's own checks, for verification; rendered with the plan so that a typo in
+    /// one fails a build before anything runs, not the first verification a week later.
+    pub checks: Vec<PlannedCheck>,
 }
 
 /// Parses a target's installers JSON text (serde_json refuses nesting deeper than 128, which
@@ -212,6 +223,31 @@ impl Plan {
                 },
             });
         }
+        let check_confinement = cfg.sandbox.as_ref().map(|s| s.supervised(&[tmp_dir]));
+        let mut checks = Vec::with_capacity(spec.checks.len());
+        for check in &spec.checks {
+            let r = |field: &str, t: &str| template(format!("check '{}', {field}", check.name), t);
+            let mut env = base_env.clone();
+            for (k, v) in &check.env {
+                env.insert(k.clone(), r(&format!("env.{k}"), v)?);
+            }
+            checks.push(PlannedCheck {
+                name: check.name.clone(),
+                inv: Invocation {
+                    program: r("command", &check.command)?,
+                    args: check
+                        .args
+                        .iter()
+                        .enumerate()
+                        .map(|(i, a)| r(&format!("args[{i}]"), a))
+                        .collect::<Result<_, _>>()?,
+                    cwd: build_dir.to_owned(),
+                    env,
+                    timeout: cfg.step_timeout,
+                    supervised: check_confinement.clone(),
+                },
+            });
+        }
         let render_map = |what: &str, m: &BTreeMap<String, String>| {
             m.iter()
                 .map(|(k, v)| Ok((k.clone(), template(format!("{what}.{k}"), v)?)))
@@ -227,7 +263,8 @@ impl Plan {
             cache_dir,
             installers,
             tmp_dir: tmp_dir.to_owned(),
-            check: cfg.sandbox.as_ref().map(|s| s.supervised(&[tmp_dir])),
+            check: check_confinement,
+            checks,
         })
     }
 

@@ -248,7 +248,7 @@ settings! {
     verify_schedule: String = "0 0 * * * *".into(); Live; |s: &String| check_schedule(s);
     /// A ready environment is checked again once its last check is older than this.
     verify_max_age: Duration = 7 * DAY; Live; |d| between(d, SECOND, 3650 * DAY);
-    /// Limit of each check command (--version, pip check); past it the check fails.
+    /// Limit of each check command (--version, pip check, npm ls, the runtime's checks); past it the check fails.
     verify_timeout: Duration = Duration::from_secs(60); Live; |d| between(d, Duration::from_millis(100), HOUR);
     /// Whether Python environments with pip also run `pip check`.
     verify_pip_check: bool = true; Live; ok;

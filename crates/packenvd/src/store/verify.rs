@@ -94,7 +94,9 @@ pub async fn release_verification(pool: &PgPool, rows: &[&EnvRow]) -> Result<u64
 }
 
 /// Records a verification. A failure sends the row to `outdated` with the reason, which
-/// rebuilds it from scratch while the old build stays served. Written only if the row is still
+/// rebuilds it from scratch while the old build stays served. A pass clears what an earlier
+/// failure left: the node row's error, and the parent's when no node it counts is anything but
+/// ready (another node's failure stays named there). Written only if the row is still
 /// the ready row that was checked (`checked_at` is the `last_verified` the claim set); false
 /// otherwise. The parent's summary and its single-host mirror move in the same statement.
 pub async fn finish_verification(
@@ -124,7 +126,7 @@ static FINISH_VERIFICATION_SQL: LazyLock<String> = LazyLock::new(|| {
              SET last_verify_result = coalesce($3, 'ok'),
                  status = CASE WHEN $3 IS NULL THEN n.status ELSE 'outdated' END,
                  skip_if_current = CASE WHEN $3 IS NULL THEN n.skip_if_current ELSE false END,
-                 install_error = CASE WHEN $3 IS NULL THEN n.install_error
+                 install_error = CASE WHEN $3 IS NULL THEN NULL
                                       ELSE 'verification failed: ' || $3 END,
                  updated = now()
              FROM c WHERE n.id = c.id
@@ -135,6 +137,8 @@ static FINISH_VERIFICATION_SQL: LazyLock<String> = LazyLock::new(|| {
         p = parents_cte(&format!(
             ", last_verified = u.last_verified, last_verify_result = u.last_verify_result,
              install_error = CASE WHEN u.status = 'outdated' THEN {MIRROR_ERROR}
+                                  WHEN pe.nodes_pending + pe.nodes_installing + pe.nodes_failed
+                                       + pe.nodes_outdated = 0 THEN NULL
                                   ELSE pe.install_error END"
         ))
     )
