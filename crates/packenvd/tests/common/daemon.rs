@@ -191,3 +191,22 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A `packenvd` command (`status`, `request ... --wait`, ...) run by the test's own user with
+/// the test's settings, stdin not a terminal.
+pub fn cli(env: &Env, url: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
+    cmd.args(args).stdin(std::process::Stdio::null());
+    with_settings(&mut cmd, env, url, "cli")
+        .output()
+        .expect("running packenvd")
+}
+
+/// The output of a command, for assertions and their messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
