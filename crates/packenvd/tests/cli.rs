@@ -11,12 +11,14 @@ use common::*;
 use serde_json::json;
 use sqlx::PgPool;
 
-/// A runtime whose second step fails the way pip does when a package does not exist.
+/// A runtime whose second step fails the way pip does when a package does not exist. The
+/// message is put together by printf so that the command line itself does not hold it: a
+/// test finding it then found the step's output.
 fn failing_runtime() -> serde_json::Value {
     json!({"installers": [
         {"name": "prepare", "order": 1, "command": "sh", "args": ["-c", "echo preparing"]},
         {"name": "install", "order": 2, "command": "sh", "args": ["-c",
-            "echo 'Collecting nosuch'; echo 'ERROR: No matching distribution found for nosuch' >&2; exit 1"]}
+            "echo 'Collecting nosuch'; printf 'ERROR: No matching %s found for nosuch\\n' distribution >&2; exit 1"]}
     ]})
 }
 

@@ -249,7 +249,10 @@ async fn json_logs_carry_the_row_on_every_state_change(pool: PgPool) {
         .filter(|l| !l.starts_with("done: "))
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
         .collect();
-    assert!(out.contains("done: 1 environment(s) built, 0 failed"), "{out}");
+    assert!(
+        out.contains("done: 1 environment(s) built, 0 failed"),
+        "{out}"
+    );
     let changes: Vec<&serde_json::Value> = lines
         .iter()
         .filter(|l| {

@@ -182,7 +182,6 @@ pub struct RequestArgs {
 pub struct RebuildArgs {
     /// The pack whose environments to rebuild; with --failed it may be left out, to reset
     /// every failed environment.
-    #[arg(required_unless_present = "failed")]
     pub pack: Option<String>,
     /// Only the pack's environment of this runtime (default: all of the pack's).
     pub runtime: Option<String>,

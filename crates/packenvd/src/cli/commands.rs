@@ -145,6 +145,13 @@ pub async fn request(pool: &PgPool, a: &RequestArgs) -> anyhow::Result<Exit> {
 
 /// `packenvd rebuild`.
 pub async fn rebuild(pool: &PgPool, a: &RebuildArgs) -> anyhow::Result<Exit> {
+    // Checked here rather than by clap, whose message would name only <PACK>.
+    if a.pack.is_none() && !a.failed {
+        return Err(usage(
+            "rebuild needs a PACK (and optionally its RUNTIME), or --failed to reset every \
+             failed environment",
+        ));
+    }
     if let Some(pack) = &a.pack {
         check_environment(pool, pack, a.runtime.as_deref()).await?;
     }
