@@ -161,6 +161,16 @@ async fn status_shows_the_cause_of_a_failure_not_its_command_and_exits_1(pool: P
     );
     assert!(text.contains("nodes: "), "the nodes' heartbeats: {text}");
 
+    // Fitted to the width the reader has (COLUMNS, off a terminal), the names whole.
+    let out = cli_with(&env, &url, &["status"], &[("COLUMNS", "80")]);
+    let narrow = self::text(&out);
+    assert_eq!(code(&out), Some(1), "{narrow}");
+    for line in narrow.lines() {
+        assert!(line.chars().count() <= 80, "{line:?} in:\n{narrow}");
+    }
+    let bad = narrow.lines().find(|l| l.contains("t.bad")).unwrap();
+    assert!(bad.contains(" bad ") && bad.contains("failed"), "{narrow}");
+
     // --wide keeps the whole error sentence; --json has the cause as a field.
     let wide = self::text(&cli(&env, &url, &["status", "--wide"]));
     assert!(wide.contains("sh -c"), "{wide}");
@@ -365,6 +375,14 @@ async fn unknown_names_and_values_are_usage_errors_that_list_the_valid_ones(pool
             assert!(text.contains(e), "{args:?}: no {e:?} in:\n{text}");
         }
     }
+    // A mistyped variable does not stop the command; the warning names the key meant.
+    let out = cli_with(&env, &url, &["status"], &[("PACKENVD_CONCURENCY", "3")]);
+    let warned = text(&out);
+    assert_eq!(code(&out), Some(0), "{warned}");
+    assert!(
+        warned.contains("PACKENVD_CONCURENCY names no setting and is ignored; did you mean PACKENVD_CONCURRENCY?"),
+        "{warned}"
+    );
     assert_eq!(
         sqlx::query_scalar::<_, String>("SELECT status::text FROM pack_environment")
             .fetch_one(&pool)

@@ -1,9 +1,11 @@
 //! `packenvd status` and `packenvd nodes`: the tables, and whether any daemon is alive to work
 //! on what waits.
 
+use std::io::IsTerminal;
 use std::time::Duration;
 
 use anyhow::Context;
+
 use comfy_table::{Cell, ColumnConstraint, ContentArrangement, Row, Table};
 use serde::Serialize;
 use sqlx::PgPool;
@@ -158,6 +160,18 @@ fn table(rows: &[StatusRow], per_node: bool, wide: bool) -> Table {
         table
             .set_content_arrangement(ContentArrangement::Dynamic)
             .set_truncation_indicator("…");
+        // Off a terminal comfy_table knows no width; `COLUMNS` (which shells set, and `watch`
+        // and `less` pass on) is the width the reader has. Without it the rows stay whole, for
+        // grep.
+        if !std::io::stdout().is_terminal() {
+            if let Some(w) = std::env::var("COLUMNS")
+                .ok()
+                .and_then(|c| c.trim().parse::<u16>().ok())
+                .filter(|w| *w >= 40)
+            {
+                table.set_width(w);
+            }
+        }
     }
     let now = chrono::Utc::now();
     for r in rows {

@@ -202,6 +202,23 @@ pub fn cli(env: &Env, url: &str, args: &[&str]) -> std::process::Output {
         .expect("running packenvd")
 }
 
+/// [`cli`] with more environment variables.
+#[allow(dead_code)]
+pub fn cli_with(
+    env: &Env,
+    url: &str,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .envs(vars.iter().copied());
+    with_settings(&mut cmd, env, url, "cli")
+        .output()
+        .expect("running packenvd")
+}
+
 /// The output of a command, for assertions and their messages.
 pub fn text(out: &std::process::Output) -> String {
     format!(
