@@ -556,3 +556,100 @@ fn completions_and_the_man_page_come_from_the_command_line() {
     let out = run(&["completions", "tcsh"]);
     assert_eq!(out.status.code(), Some(2), "an unknown shell");
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn check_config_connect_checks_the_database_the_directories_and_the_commands(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(
+        &pool,
+        "t.missing",
+        json!({"installers": [
+            {"name": "fetch", "order": 1, "command": "packenvd-no-such-tool", "args": []}
+        ]}),
+    )
+    .await;
+    let url = database_url(&pool);
+    let out = cli(&env, &url, &["check-config", "--connect"]);
+    let text = text(&out);
+    assert_eq!(code(&out), Some(1), "{text}");
+    for expected in [
+        "# ok   database: reachable at ",
+        "# ok   database: migrated",
+        "# ok   database: the role has every right the daemon uses",
+        "# ok   runtime core.shell",
+        "# FAIL runtime t.missing: not found on this host's PATH: packenvd-no-such-tool",
+        "# note envs_root ",
+        "does not exist; the daemon creates it at start",
+        "/packs: exists, readable",
+        "# 1 check(s) failed",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in:\n{text}");
+    }
+    // The checks are comments: the output still loads back as a config file.
+    let file = env.dir.path().join("checked.toml");
+    std::fs::write(&file, &out.stdout).unwrap();
+    let out = cli(
+        &env,
+        &url,
+        &["check-config", "--config", file.to_str().unwrap()],
+    );
+    assert_eq!(code(&out), Some(0), "{}", self::text(&out));
+
+    // A role with one right of the many, an envs root that is a file, no packs dir.
+    let db: String = sqlx::query_scalar("SELECT current_database()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    // Roles are the cluster's: one per test database, in PostgreSQL's 63 bytes.
+    let role = format!("chk_{}", &db[db.len() - 16..]).to_lowercase();
+    for sql in [
+        format!("DROP ROLE IF EXISTS {role}"),
+        format!("CREATE ROLE {role} LOGIN"),
+        format!("GRANT SELECT ON pack TO {role}"),
+    ] {
+        sqlx::query(&sql).execute(&pool).await.unwrap();
+    }
+    let scheme_end = url.find("://").unwrap() + 3;
+    let rest = &url[scheme_end..];
+    let host = rest.rfind('@').map_or(rest, |at| &rest[at + 1..]);
+    let limited = format!("{}{role}@{host}", &url[..scheme_end]);
+    std::fs::write(env.dir.path().join("envs"), "not a directory").unwrap();
+    std::fs::remove_dir(env.dir.path().join("packs")).unwrap();
+    let out = cli(&env, &limited, &["check-config", "--connect"]);
+    let text = self::text(&out);
+    assert_eq!(code(&out), Some(1), "{text}");
+    for expected in [
+        "# FAIL database: cannot read _sqlx_migrations: ",
+        "permission denied for table _sqlx_migrations",
+        "# FAIL database: the role lacks SELECT on _sqlx_migrations, DELETE on pack_environment, \
+         INSERT on pack_environment, SELECT on pack_environment",
+        "SELECT on runtime",
+        "; apply deploy/db-role.sql as the schema's owner",
+        "# FAIL envs_root ",
+        "/envs: not a directory",
+        "# FAIL packs_dir ",
+        "No such file or directory",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in:\n{text}");
+    }
+    assert!(!text.contains("SELECT on pack,"), "{text}");
+    sqlx::query(&format!("DROP OWNED BY {role}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(&format!("DROP ROLE {role}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // Without a database to check, a usage error.
+    let out = cli_with(
+        &env,
+        "",
+        &["check-config", "--connect"],
+        &[("DATABASE_URL", "")],
+    );
+    let text = self::text(&out);
+    assert_eq!(code(&out), Some(2), "{text}");
+    assert!(text.contains("--connect needs a database"), "{text}");
+}

@@ -219,6 +219,12 @@ pub struct LogsArgs {
 
 #[derive(Debug, Clone, Args)]
 pub struct CheckConfigArgs {
+    /// Also check this host against the configuration: the database (reachable, migrated,
+    /// the role's rights), the directories (exist, writable, the envs root owned by this
+    /// user) and each runtime's commands on PATH. The results follow the file as comments;
+    /// exit status 1 when one failed.
+    #[arg(long)]
+    pub connect: bool,
     #[command(flatten)]
     pub settings: SettingFlags,
     #[command(flatten)]

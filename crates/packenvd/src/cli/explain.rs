@@ -72,7 +72,7 @@ pub fn current_step<'a>(marks: impl IntoIterator<Item = &'a str>) -> Option<Step
 
 /// What a running build is doing, in a few words: its step, or the phase before or after the
 /// steps.
-pub fn phase<'a>(marks: &[&'a str]) -> String {
+pub fn phase(marks: &[&str]) -> String {
     if marks.iter().any(|l| l.starts_with("==> inputs unchanged")) {
         return "up to date (inputs unchanged)".into();
     }

@@ -11,6 +11,7 @@
 //! Every command ends with one of the [`Exit`] statuses; `anyhow` stops here.
 
 pub mod args;
+mod check;
 mod commands;
 pub mod explain;
 mod follow;
@@ -108,9 +109,18 @@ pub fn main(cli: Cli) -> ExitCode {
     for w in loaded.warnings.iter().chain(&hardening) {
         tracing::warn!("{w}");
     }
-    if let Command::CheckConfig(_) = cli.command {
+    if let Command::CheckConfig(a) = &cli.command {
+        if a.connect && loaded.settings.database_url.is_empty() {
+            eprintln!(
+                "packenvd: check-config --connect needs a database: set DATABASE_URL in the \
+                 environment, or `database_url` or `database_url_file` in the config file"
+            );
+            return Exit::Usage.into();
+        }
         print!("{}", loaded.settings.to_toml(&loaded.sources));
-        return ExitCode::SUCCESS;
+        if !a.connect {
+            return ExitCode::SUCCESS;
+        }
     }
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -119,6 +129,12 @@ pub fn main(cli: Cli) -> ExitCode {
             return Exit::Trouble.into();
         }
     };
+    if let Command::CheckConfig(_) = &cli.command {
+        let settings = &loaded.settings;
+        return runtime
+            .block_on(async { check::connect(settings, connect(settings, &forgotten).await).await })
+            .into();
+    }
     match runtime.block_on(dispatch(&cli, &common, loaded.settings, forgotten, filter)) {
         Ok(code) => code.into(),
         Err(e) => {

@@ -109,7 +109,7 @@ pub async fn status(pool: &PgPool, a: &StatusArgs) -> anyhow::Result<Exit> {
             .map(|r| JsonRow {
                 row: r,
                 step: (r.status == Status::Installing)
-                    .then(|| r.marks.as_ref())
+                    .then_some(r.marks.as_ref())
                     .flatten()
                     .map(|m| explain::phase(&m.iter().map(String::as_str).collect::<Vec<_>>())),
                 cause: r.install_error.as_deref().map(explain::cause),

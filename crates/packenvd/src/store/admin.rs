@@ -559,3 +559,56 @@ pub async fn unapplied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error
     pending.dedup();
     Ok(pending)
 }
+
+/// The rights the daemon's role needs (docs/operations.md, "The database role"; the same as
+/// deploy/db-role.sql grants) that the connected role lacks, as `DELETE on pack_environment`.
+/// Objects that do not exist are reported as missing: the schema is then not migrated.
+pub async fn missing_privileges(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
+    sqlx::query_scalar(
+        "WITH needed(kind, object, privilege) AS (VALUES
+             ('t', 'pack', 'SELECT'), ('t', 'runtime', 'SELECT'),
+             ('t', 'pack_environment', 'SELECT'), ('t', 'pack_environment', 'INSERT'),
+             ('t', 'pack_environment', 'UPDATE'), ('t', 'pack_environment', 'DELETE'),
+             ('t', 'pack_environment_node', 'SELECT'), ('t', 'pack_environment_node', 'INSERT'),
+             ('t', 'pack_environment_node', 'UPDATE'), ('t', 'pack_environment_node', 'DELETE'),
+             ('t', 'packenvd_node', 'SELECT'), ('t', 'packenvd_node', 'INSERT'),
+             ('t', 'packenvd_node', 'UPDATE'), ('t', 'packenvd_node', 'DELETE'),
+             ('t', 'v_pack_environment_status', 'SELECT'),
+             ('t', 'v_pack_environment_node', 'SELECT'),
+             ('t', '_sqlx_migrations', 'SELECT'),
+             ('s', 'pack_environment_id_seq', 'USAGE'),
+             ('s', 'pack_environment_node_id_seq', 'USAGE'),
+             ('f', 'request_pack_environment', 'EXECUTE'),
+             ('f', 'get_pack_environment_path', 'EXECUTE'),
+             ('f', 'runtime_requires_environment', 'EXECUTE'),
+             ('f', 'pack_environment_for_node', 'EXECUTE'),
+             ('f', 'pack_environment_summary', 'EXECUTE'),
+             ('f', 'packenvd_node_builds', 'EXECUTE'),
+             ('f', 'packenvd_node_takes', 'EXECUTE'))
+         SELECT privilege || ' on ' || object
+                || CASE WHEN kind = 'f' THEN '()' ELSE '' END
+                || CASE WHEN ok IS NULL THEN ' (does not exist)' ELSE '' END
+         FROM (SELECT kind, object, privilege,
+                      CASE kind
+                          WHEN 't' THEN (SELECT has_table_privilege(c, privilege)
+                                         FROM to_regclass(object) c WHERE c IS NOT NULL)
+                          WHEN 's' THEN (SELECT has_sequence_privilege(c, privilege)
+                                         FROM to_regclass(object) c WHERE c IS NOT NULL)
+                          ELSE (SELECT bool_or(has_function_privilege(p.oid, privilege))
+                                FROM pg_proc p
+                                WHERE p.proname = object AND pg_function_is_visible(p.oid))
+                      END AS ok
+               FROM needed) r
+         WHERE ok IS NOT TRUE
+         ORDER BY object, privilege",
+    )
+    .fetch_all(pool)
+    .await
+}
+
+/// The server's version, as `SHOW server_version` has it.
+pub async fn server_version(pool: &PgPool) -> Result<String, sqlx::Error> {
+    sqlx::query_scalar("SHOW server_version")
+        .fetch_one(pool)
+        .await
+}
