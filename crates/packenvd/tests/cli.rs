@@ -170,6 +170,10 @@ async fn status_shows_the_cause_of_a_failure_not_its_command_and_exits_1(pool: P
     }
     let bad = narrow.lines().find(|l| l.contains("t.bad")).unwrap();
     assert!(bad.contains(" bad ") && bad.contains("failed"), "{narrow}");
+    assert!(
+        bad.replace('\u{a0}', " ").contains("failed   No matching"),
+        "the cause, cut at the column's edge: {narrow}"
+    );
 
     // --wide keeps the whole error sentence; --json has the cause as a field.
     let wide = self::text(&cli(&env, &url, &["status", "--wide"]));

@@ -144,6 +144,12 @@ pub async fn status(pool: &PgPool, a: &StatusArgs) -> anyhow::Result<Exit> {
 /// The table, fitted to the terminal's width unless `wide`: each row on one line, the long
 /// cells cut with `…`.
 fn table(rows: &[StatusRow], per_node: bool, wide: bool) -> Table {
+    let terminal = std::io::stdout().is_terminal();
+    let columns = std::env::var("COLUMNS")
+        .ok()
+        .and_then(|c| c.trim().parse::<u16>().ok())
+        .filter(|w| *w >= 40);
+    let fitting = !wide && (terminal || columns.is_some());
     let mut table = Table::new();
     table.load_preset(comfy_table::presets::UTF8_BORDERS_ONLY);
     let place = if per_node { "nodes" } else { "env_path" };
@@ -163,12 +169,8 @@ fn table(rows: &[StatusRow], per_node: bool, wide: bool) -> Table {
         // Off a terminal comfy_table knows no width; `COLUMNS` (which shells set, and `watch`
         // and `less` pass on) is the width the reader has. Without it the rows stay whole, for
         // grep.
-        if !std::io::stdout().is_terminal() {
-            if let Some(w) = std::env::var("COLUMNS")
-                .ok()
-                .and_then(|c| c.trim().parse::<u16>().ok())
-                .filter(|w| *w >= 40)
-            {
+        if !terminal {
+            if let Some(w) = columns {
                 table.set_width(w);
             }
         }
@@ -213,7 +215,15 @@ fn table(rows: &[StatusRow], per_node: bool, wide: bool) -> Table {
                 (Some(at), Some(_)) => format!("{} failed{due}", at.format("%Y-%m-%d")),
                 _ => format!("-{due}"),
             };
-            cells.extend([detail(r, per_node), place, verified]);
+            // comfy_table wraps at spaces and the row shows only its first line: with no-break
+            // spaces the cut falls at the column's edge, not after the first word.
+            let detail = detail(r, per_node);
+            let detail = if fitting {
+                detail.replace(' ', "\u{a0}")
+            } else {
+                detail
+            };
+            cells.extend([detail, place, verified]);
         }
         let mut row = Row::from(cells.into_iter().map(Cell::new).collect::<Vec<_>>());
         if !wide {
@@ -227,6 +237,16 @@ fn table(rows: &[StatusRow], per_node: bool, wide: bool) -> Table {
             if let Some(c) = table.column_mut(i) {
                 c.set_constraint(ColumnConstraint::ContentWidth);
             }
+        }
+        // Then the detail (a step, a cause) matters more than the path, which starts with the
+        // envs root every row shares.
+        if let Some(c) = table.column_mut(4) {
+            c.set_constraint(ColumnConstraint::UpperBoundary(
+                comfy_table::Width::Percentage(15),
+            ));
+        }
+        if let Some(c) = table.column_mut(5) {
+            c.set_constraint(ColumnConstraint::ContentWidth);
         }
     }
     table
