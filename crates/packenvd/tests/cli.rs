@@ -657,3 +657,35 @@ async fn check_config_connect_checks_the_database_the_directories_and_the_comman
     assert_eq!(code(&out), Some(2), "{text}");
     assert!(text.contains("--connect needs a database"), "{text}");
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn an_unchanged_request_keeps_the_real_log_beside_its_note(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.ok", good_runtime(0)).await;
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    request(&pool, "p", "t.ok").await;
+    env.worker(&pool).drain().await.unwrap();
+    let url = database_url(&pool);
+    for _ in 0..2 {
+        request(&pool, "p", "t.ok").await;
+        env.worker(&pool).drain().await.unwrap();
+    }
+    let out = cli(&env, &url, &["logs", "p"]);
+    let text = text(&out);
+    assert_eq!(code(&out), Some(0), "{text}");
+    let (note, kept) = text
+        .split_once(packenvd::store::CURRENT_BUILD_LOG)
+        .unwrap_or_else(|| panic!("no current build's log in:\n{text}"));
+    assert!(note.contains("already up to date"), "{text}");
+    assert!(!note.contains("==> step"), "{text}");
+    assert!(
+        kept.contains("==> step 1/2 'prepare'") && kept.contains("==> step 2/2 'install'"),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches(packenvd::store::CURRENT_BUILD_LOG).count(),
+        1,
+        "asked twice, kept once: {text}"
+    );
+}

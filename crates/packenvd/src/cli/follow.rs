@@ -253,9 +253,16 @@ pub async fn wait(
         let envs = store::watched(pool, ids)
             .await
             .context("reading pack_environment")?;
-        let nodes = store::watched_nodes(pool, ids, since)
+        let mut nodes = store::watched_nodes(pool, ids, since)
             .await
             .context("reading pack_environment_node")?;
+        // An unchanged answer keeps the current build's log below its note: those steps ran
+        // for an earlier request, not this one.
+        for n in &mut nodes {
+            if let Some(i) = n.marks.iter().position(|m| m == store::CURRENT_BUILD_LOG) {
+                n.marks.truncate(i);
+            }
+        }
         if !warned && envs.iter().any(|e| e.status.is_open()) {
             let live = store::liveness(pool)
                 .await

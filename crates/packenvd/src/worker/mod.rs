@@ -478,7 +478,12 @@ impl Worker {
                     },
                     Some(r.switch),
                 ),
-                Ok(Built::Unchanged) => (Transition::Unchanged { log: text }, None),
+                Ok(Built::Unchanged) => (
+                    Transition::Unchanged {
+                        log: store::unchanged_log(&text, row.previous_log.as_deref()),
+                    },
+                    None,
+                ),
                 Err(f) => (failure(&settings, &claim, &f, text), None),
             };
             self.write_back(&settings, &claim, transition, switch, started.elapsed())
