@@ -689,3 +689,43 @@ async fn an_unchanged_request_keeps_the_real_log_beside_its_note(pool: PgPool) {
         "asked twice, kept once: {text}"
     );
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn request_wait_on_a_terminal_draws_a_progress_line_and_still_fails_with_1(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.bad", failing_runtime()).await;
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    let url = database_url(&pool);
+    let d = Daemon::spawn(&env, &url, "a", &[], &[]);
+    let out = cli_on_terminal(
+        &env,
+        &url,
+        &["request", "p", "t.bad", "--wait", "--timeout", "60s"],
+    );
+    let text = text(&out);
+    assert_eq!(code(&out), Some(1), "{text}\n{}", d.output());
+    // indicatif redraws its line in place: erase-line sequences, not one line per poll.
+    assert!(
+        text.contains("\u{1b}[2K"),
+        "no progress line drawn: {text:?}"
+    );
+    for expected in [
+        "p t.bad",
+        "failed after",
+        "No matching distribution found for nosuch",
+        "--- p t.bad: error ---",
+    ] {
+        assert!(text.contains(expected), "no {expected:?} in:\n{text}");
+    }
+
+    // status on the same terminal fits its 100 columns.
+    let out = cli_on_terminal(&env, &url, &["status"]);
+    let table = self::text(&out);
+    assert_eq!(code(&out), Some(1), "{table}");
+    let table = table.replace('\r', "");
+    assert!(table.contains("t.bad"), "{table}");
+    for line in table.lines() {
+        assert!(line.chars().count() <= 100, "{line:?} in:\n{table}");
+    }
+}

@@ -219,6 +219,23 @@ pub fn cli_with(
         .expect("running packenvd")
 }
 
+/// [`cli`] on a pseudo-terminal (util-linux `script`), as an operator at a shell runs it; the
+/// exit status is the command's. `args` must need no shell quoting.
+#[allow(dead_code)]
+pub fn cli_on_terminal(env: &Env, url: &str, args: &[&str]) -> std::process::Output {
+    let line = format!(
+        "stty cols 100; {} {}",
+        env!("CARGO_BIN_EXE_packenvd"),
+        args.join(" ")
+    );
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::null());
+    with_settings(&mut cmd, env, url, "cli")
+        .output()
+        .expect("running packenvd under script")
+}
+
 /// The output of a command, for assertions and their messages.
 pub fn text(out: &std::process::Output) -> String {
     format!(
