@@ -729,3 +729,39 @@ async fn request_wait_on_a_terminal_draws_a_progress_line_and_still_fails_with_1
         assert!(line.chars().count() <= 100, "{line:?} in:\n{table}");
     }
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn remove_on_a_terminal_asks_first(pool: PgPool) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.ok", good_runtime(0)).await;
+    env.pack_dir("p", &[]);
+    add_pack(&pool, "p").await;
+    request(&pool, "p", "t.ok").await;
+    env.worker(&pool).drain().await.unwrap();
+    let url = database_url(&pool);
+    let rows = || async {
+        sqlx::query_scalar::<_, i64>("SELECT count(*) FROM pack_environment")
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+
+    let out = cli_on_terminal_typing(&env, &url, &["remove", "p"], "n\n");
+    let text = text(&out);
+    assert_eq!(code(&out), Some(0), "{text}");
+    assert!(
+        text.contains("Delete? [y/N]") && text.contains("nothing deleted"),
+        "{text}"
+    );
+    assert_eq!(rows().await, 1, "{text}");
+
+    let out = cli_on_terminal_typing(&env, &url, &["remove", "p"], "y\n");
+    let text = self::text(&out);
+    assert_eq!(code(&out), Some(0), "{text}");
+    assert!(text.contains("p t.ok: row deleted"), "{text}");
+    assert_eq!(rows().await, 0, "{text}");
+    assert!(
+        !env.envs_root().join("p").exists(),
+        "the emptied pack directory"
+    );
+}

@@ -223,6 +223,18 @@ pub fn cli_with(
 /// exit status is the command's. `args` must need no shell quoting.
 #[allow(dead_code)]
 pub fn cli_on_terminal(env: &Env, url: &str, args: &[&str]) -> std::process::Output {
+    cli_on_terminal_typing(env, url, args, "")
+}
+
+/// [`cli_on_terminal`], with `typed` as what the operator types at it.
+#[allow(dead_code)]
+pub fn cli_on_terminal_typing(
+    env: &Env,
+    url: &str,
+    args: &[&str],
+    typed: &str,
+) -> std::process::Output {
+    use std::io::Write;
     let line = format!(
         "stty cols 100; {} {}",
         env!("CARGO_BIN_EXE_packenvd"),
@@ -230,10 +242,18 @@ pub fn cli_on_terminal(env: &Env, url: &str, args: &[&str]) -> std::process::Out
     );
     let mut cmd = std::process::Command::new("script");
     cmd.args(["-qec", &line, "/dev/null"])
-        .stdin(std::process::Stdio::null());
-    with_settings(&mut cmd, env, url, "cli")
-        .output()
-        .expect("running packenvd under script")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = with_settings(&mut cmd, env, url, "cli")
+        .spawn()
+        .expect("running packenvd under script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(typed.as_bytes()).expect("typing");
+    // Kept open until the command ends: script ends the session when its input ends.
+    let out = child.wait_with_output().expect("packenvd under script");
+    drop(stdin);
+    out
 }
 
 /// The output of a command, for assertions and their messages.
