@@ -17,8 +17,9 @@ Exit status:
   0  done; every environment shown or waited for is well
   1  something is wrong: an environment shown or waited for is failed or broken (status,
      logs, request --wait, rebuild --wait, verify), a build of run --until-done failed, a
-     check of check-config --connect failed, or packenvd could not do it (the database unreachable or a statement refused, a path that
-     could not be removed; run: stopped on an error)
+     check of check-config --connect failed, or packenvd could not do it (the database
+     unreachable or a statement refused, a path that could not be removed; run: stopped on
+     an error)
   2  usage or configuration: an unknown command, flag, value, pack, runtime or node (the
      message lists the valid ones), a bad config file, remove without --yes off a terminal
   4  --wait or --follow gave up after --timeout";
