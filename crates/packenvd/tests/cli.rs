@@ -553,6 +553,21 @@ fn completions_and_the_man_page_come_from_the_command_line() {
         page.contains("Exit status"),
         "the exit statuses are in the page: {page}"
     );
+    // Every command's --help ends with the exit statuses.
+    for args in [
+        vec!["--help"],
+        vec!["status", "--help"],
+        vec!["request", "--help"],
+        vec!["node", "forget", "--help"],
+        vec!["check-config", "--help"],
+    ] {
+        let out = run(&args);
+        let help = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            help.contains("Exit status:") && help.contains("4  --wait or --follow gave up"),
+            "{args:?}: {help}"
+        );
+    }
     let dir = tempfile::tempdir().unwrap();
     let out = run(&["man", "--out-dir", &dir.path().display().to_string()]);
     assert!(out.status.success(), "{}", text(&out));

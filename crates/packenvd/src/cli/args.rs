@@ -52,40 +52,54 @@ pub struct Common {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Apply the database migrations (as the owner of the schema).
+    #[command(after_help = EXIT_STATUS)]
     Migrate(Plain),
     /// Run the daemon: claim pending and outdated rows and build their environments.
+    #[command(after_help = EXIT_STATUS)]
     Run(RunArgs),
     /// Show environments as a table (or JSON): what each is doing or why it failed, and the
     /// nodes' last heartbeats. Exit status 1 when a row shown is failed.
+    #[command(after_help = EXIT_STATUS)]
     Status(StatusArgs),
     /// Show the nodes: name, last seen, what each can build, its rows by status.
+    #[command(after_help = EXIT_STATUS)]
     Nodes(NodesArgs),
     /// Operate on one node.
     #[command(subcommand)]
+    #[command(after_help = EXIT_STATUS)]
     Node(NodeCommand),
     /// Ask for an environment (what a pack install does): creates the row or sends it back to
     /// pending. A current build whose inputs are unchanged answers it without rebuilding.
+    #[command(after_help = EXIT_STATUS)]
     Request(RequestArgs),
     /// Force a rebuild from scratch: reset environments to pending.
+    #[command(after_help = EXIT_STATUS)]
     Rebuild(RebuildArgs),
     /// Print the install log and the error of one environment.
+    #[command(after_help = EXIT_STATUS)]
     Logs(LogsArgs),
     /// Print the effective configuration as a config file that loads back: every setting,
     /// its value and where it came from, secrets masked.
+    #[command(after_help = EXIT_STATUS)]
     CheckConfig(CheckConfigArgs),
     /// Remove superseded and orphaned builds now (what the daemon does every gc_interval).
+    #[command(after_help = EXIT_STATUS)]
     Gc(GcArgs),
     /// Delete environments on purpose: their rows (on every node) and their directories (on
     /// this node; the other nodes' collectors remove theirs).
+    #[command(after_help = EXIT_STATUS)]
     Remove(RemoveArgs),
     /// Verify ready environments now; exit status 1 when any was found broken (it is then
     /// `outdated` and a running daemon rebuilds it) or could not be checked on this host, 2
     /// when the checks may not run as configured (a build user without the capabilities).
+    #[command(after_help = EXIT_STATUS)]
     Verify(VerifyArgs),
     /// Print a completion script for a shell (e.g. `packenvd completions bash >
     /// /etc/bash_completion.d/packenvd`).
+    #[command(after_help = EXIT_STATUS)]
     Completions(CompletionsArgs),
     /// Print the man page (roff), made from this command line's definition.
+    #[command(after_help = EXIT_STATUS)]
     Man(ManArgs),
 }
 
@@ -144,6 +158,7 @@ pub struct NodesArgs {
 pub enum NodeCommand {
     /// Forget a node (it was retired): its rows go, and environments stop waiting for it.
     /// Nothing on any disk is touched.
+    #[command(after_help = EXIT_STATUS)]
     Forget(ForgetArgs),
 }
 
