@@ -56,7 +56,8 @@ NODE_PATH=$(meta demo_node core.nodejs env_vars,NODE_PATH) "$(meta demo_node cor
 examples/packs/demo_shell/actions/hello.sh
 
 echo "==> why demo_broken failed (packenvd logs demo_broken core.python, without the full log)"
-"$bin" logs demo_broken core.python | sed '/^--- install log ---$/q'
+# logs prints the install log, then the error; it exits 1 for a failed environment.
+{ "$bin" logs demo_broken core.python || true; } | sed -n '1p; /^--- error ---$/,$p'
 
 echo "==> environments on disk"
 ls -la "$work/envs"/*/

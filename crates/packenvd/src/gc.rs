@@ -63,6 +63,9 @@ pub struct Report {
     pub kept_in_use: Vec<Removal>,
     /// Paths that could not be removed.
     pub errors: Vec<Removal>,
+    /// Builds and links that will be removable once `gc_grace` has passed since they were
+    /// superseded: the reason says when.
+    pub waiting: Vec<Removal>,
 }
 
 /// Whether `entry` is a build directory name of environment `env`: `.<env>-<32 hex>` (a claim
@@ -152,6 +155,7 @@ fn collect(
         .collect();
 
     let mut candidates = Vec::new();
+    let mut waiting = Vec::new();
     let mut open_packs: BTreeMap<String, PackDir> = BTreeMap::new();
     for pack_ref in root.packs().map_err(io("cannot list"))? {
         let Ok(Some(pack)) = root.pack_dir(&pack_ref, false) else {
@@ -168,7 +172,17 @@ fn collect(
             if pack.type_of(env).ok().flatten() == Some(FileType::Symlink) {
                 let orphan =
                     !live_links.contains(&link) && !unplaced_packs.contains(pack_ref.as_str());
-                if orphan && pack.age(env).is_some_and(|a| a > grace) {
+                let age = pack.age(env);
+                if let Some(age) = age.filter(|a| orphan && *a <= grace) {
+                    waiting.push(Removal {
+                        path: link.clone(),
+                        reason: format!(
+                            "no pack_environment row names this environment: {}",
+                            removable_in(grace - age)
+                        ),
+                    });
+                }
+                if orphan && age.is_some_and(|a| a > grace) {
                     candidates.push(Candidate {
                         pack: pack_ref.clone(),
                         entry: env.clone(),
@@ -199,23 +213,32 @@ fn collect(
                 {
                     continue;
                 }
-                let Some(age) = pack.age(entry).filter(|a| *a > grace) else {
+                let Some(age) = pack.age(entry) else {
                     continue;
                 };
+                if age <= grace {
+                    waiting.push(Removal {
+                        path,
+                        reason: format!(
+                            "not current, superseded or abandoned {} ago: {}",
+                            rounded(age),
+                            removable_in(grace - age)
+                        ),
+                    });
+                    continue;
+                }
                 candidates.push(Candidate {
                     pack: pack_ref.clone(),
                     entry: entry.clone(),
                     path,
-                    reason: format!(
-                        "not current, superseded or abandoned {} ago",
-                        humantime::format_duration(Duration::from_secs(age.as_secs()))
-                    ),
+                    reason: format!("not current, superseded or abandoned {} ago", rounded(age)),
                 });
             }
         }
         open_packs.insert(pack_ref, pack);
     }
-    let report = remove_unused(&open_packs, candidates, dry_run);
+    let mut report = remove_unused(&open_packs, candidates, dry_run);
+    report.waiting = waiting;
     if !dry_run {
         for r in &report.removed {
             if let Some(pack) = r
@@ -231,21 +254,94 @@ fn collect(
     Ok(report)
 }
 
-/// `packenvd remove`: deletes the rows and their environments at once, except builds a running
-/// process still uses, which the collector removes later. Only environments recorded in the
-/// pack's own directory are touched: a row that names another pack's directory removes nothing.
+/// A duration to the second, for people.
+fn rounded(d: Duration) -> humantime::FormattedDuration {
+    humantime::format_duration(Duration::from_secs(d.as_secs()))
+}
+
+/// `removable in 50m (at 2026-11-27 19:05 UTC)`.
+fn removable_in(left: Duration) -> String {
+    let at = chrono::Utc::now() + left;
+    format!(
+        "removable in {} (at {})",
+        rounded(left),
+        at.format("%Y-%m-%d %H:%M UTC")
+    )
+}
+
+/// What `packenvd remove` deletes: the rows (on every node), and what of them this node keeps
+/// on its disk.
+#[derive(Debug)]
+pub struct RemovalPlan {
+    pub pack_ref: String,
+    pub rows: Vec<store::RemovalTarget>,
+    /// This node's links and build directories of those rows (`removed`: would be removed), and
+    /// builds a running process uses (left for the collector).
+    pub disk: Report,
+}
+
+/// Reads what `packenvd remove PACK [RUNTIME]` would delete; deletes nothing.
+pub async fn plan_removal(
+    pool: &PgPool,
+    cfg: &GcConfig,
+    pack_ref: &str,
+    runtime_ref: Option<&str>,
+) -> Result<RemovalPlan, Error> {
+    let rows = store::removal_targets(pool, &cfg.node, pack_ref, runtime_ref)
+        .await
+        .map_err(Error::db("reading the environments to remove"))?;
+    let env_paths = rows.iter().filter_map(|r| r.env_path.clone()).collect();
+    let disk = remove_dirs(cfg, pack_ref, env_paths, true).await;
+    Ok(RemovalPlan {
+        pack_ref: pack_ref.to_owned(),
+        rows,
+        disk,
+    })
+}
+
+/// Deletes the rows of `plan` (those still there) and then their environments on this node's
+/// disk, except builds a running process still uses, which the collector removes later. Returns
+/// the runtimes deleted.
+pub async fn execute_removal(
+    pool: &PgPool,
+    cfg: &GcConfig,
+    plan: &RemovalPlan,
+) -> Result<(Vec<String>, Report), Error> {
+    let ids: Vec<i64> = plan.rows.iter().map(|r| r.id).collect();
+    let deleted = store::remove(pool, &cfg.node, &ids)
+        .await
+        .map_err(Error::db("deleting the rows"))?;
+    let names = deleted.iter().map(|(runtime, _)| runtime.clone()).collect();
+    let env_paths = deleted.into_iter().filter_map(|(_, p)| p).collect();
+    Ok((
+        names,
+        remove_dirs(cfg, &plan.pack_ref, env_paths, false).await,
+    ))
+}
+
+/// `packenvd remove` without a look first: deletes the rows and their environments at once.
 pub async fn remove(
     pool: &PgPool,
     cfg: &GcConfig,
     pack_ref: &str,
     runtime_ref: Option<&str>,
 ) -> Result<(Vec<String>, Report), Error> {
-    let deleted = store::remove(pool, &cfg.node, pack_ref, runtime_ref)
-        .await
-        .map_err(Error::db("deleting the rows"))?;
-    let names = deleted.iter().map(|(runtime, _)| runtime.clone()).collect();
+    let plan = plan_removal(pool, cfg, pack_ref, runtime_ref).await?;
+    execute_removal(pool, cfg, &plan).await
+}
+
+/// Removes (or with `dry_run` lists) this node's links and build directories of the
+/// environments at `env_paths` of one pack, then the pack's directory if that left it empty.
+/// Only environments recorded in the pack's own directory are touched: a row that names
+/// another pack's directory removes nothing.
+async fn remove_dirs(
+    cfg: &GcConfig,
+    pack_ref: &str,
+    env_paths: Vec<String>,
+    dry_run: bool,
+) -> Report {
     let (root_path, pack_ref) = (cfg.envs_root.clone(), pack_ref.to_owned());
-    let report = packenv_core::blocking(move || {
+    packenv_core::blocking(move || {
         let Ok(Some(root)) = EnvsRoot::open(&root_path, false) else {
             return Report::default();
         };
@@ -255,7 +351,7 @@ pub async fn remove(
         let recorded = pack.recorded().unwrap_or_default();
         let entries = pack.entries().unwrap_or_default();
         let mut candidates = Vec::new();
-        for env_path in deleted.iter().filter_map(|(_, p)| p.as_deref()) {
+        for env_path in &env_paths {
             let env_path = Path::new(env_path);
             let Some(env) = env_path
                 .file_name()
@@ -278,12 +374,14 @@ pub async fn remove(
             }
         }
         let packs = BTreeMap::from([(pack_ref.clone(), pack)]);
-        let report = remove_unused(&packs, candidates, false);
-        root.remove_pack_if_empty(&pack_ref);
+        let report = remove_unused(&packs, candidates, dry_run);
+        if !dry_run {
+            drop(packs);
+            root.remove_pack_if_empty(&pack_ref);
+        }
         report
     })
-    .await;
-    Ok((names, report))
+    .await
 }
 
 /// Removes each candidate no running process uses (or, with `dry_run`, only reports it),

@@ -421,7 +421,7 @@ async fn directories_a_step_made_unreadable_are_still_taken_back_and_removed(_po
     );
 
     // The ready one: removed on request, by the daemon's user.
-    let out = run_as(&env, &url, DAEMON_UID, "", &["remove", "k"], &vars);
+    let out = run_as(&env, &url, DAEMON_UID, "", &["remove", "k", "--yes"], &vars);
     assert!(
         out.status.success(),
         "{}{}",

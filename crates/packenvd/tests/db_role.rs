@@ -300,7 +300,7 @@ async fn the_daemon_and_the_cli_work_under_the_least_privilege_role(pool: PgPool
     );
     assert_eq!(status_of(&pool, built_id).await, "pending");
     assert_ok(
-        &packenvd(&env, &url, &["remove", "built_pack", "test.sh"]),
+        &packenvd(&env, &url, &["remove", "built_pack", "test.sh", "--yes"]),
         "remove",
     );
     let left: i64 = sqlx::query_scalar("SELECT count(*) FROM pack_environment WHERE id = $1")

@@ -374,9 +374,17 @@ async fn a_request_with_unchanged_inputs_finishes_without_running_a_step(pool: P
         "nothing was rebuilt"
     );
     let log = again.install_log.unwrap();
+    let (note, kept) = log
+        .split_once(packenvd::store::CURRENT_BUILD_LOG)
+        .expect("the current build's log kept below the note");
     assert!(
-        log.contains("already up to date") && !log.contains("==> step"),
+        note.contains("already up to date") && !note.contains("==> step"),
         "{log}"
+    );
+    assert_eq!(
+        kept.trim_start(),
+        built.install_log.as_deref().unwrap().trim_start(),
+        "the build's own log, as it was"
     );
     assert!(took < Duration::from_millis(100), "took {took:?}");
     println!(

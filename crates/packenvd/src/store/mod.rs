@@ -263,6 +263,26 @@ pub struct EnvRow {
     /// Claimed by the answer lane (a request, answered from the current build if it can be).
     #[sqlx(default)]
     pub answer: bool,
+    /// For a request that an unchanged build may answer (`skip_if_current`): the row's log
+    /// before the claim, the current build's, which such an answer keeps beside its note.
+    #[sqlx(default)]
+    pub previous_log: Option<String>,
+}
+
+/// The line between an unchanged answer's note and the log of the build it points to.
+pub const CURRENT_BUILD_LOG: &str = "==> the current build's log, as it was written:";
+
+/// The log of a request answered by the current build: the note, then that build's own log
+/// (`previous`, without the note of an earlier such answer).
+pub fn unchanged_log(note: &str, previous: Option<&str>) -> String {
+    let previous = previous.map(|p| match p.find(CURRENT_BUILD_LOG) {
+        Some(i) => p[i + CURRENT_BUILD_LOG.len()..].trim_start_matches('\n'),
+        None => p,
+    });
+    match previous.filter(|p| !p.trim().is_empty()) {
+        Some(p) => format!("{}\n{CURRENT_BUILD_LOG}\n{p}", note.trim_end_matches('\n')),
+        None => note.to_owned(),
+    }
 }
 
 impl EnvRow {
@@ -309,5 +329,26 @@ pub fn is_transient(e: &sqlx::Error) -> bool {
         | sqlx::Error::WorkerCrashed
         | sqlx::Error::Protocol(_) => true,
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unchanged_answer_keeps_the_current_builds_log_once() {
+        let note = "==> inputs unchanged since the current build (fingerprint matches): already up to date\n";
+        let built = "==> step 1/1 'install': pip install\nInstalled six\n";
+        assert_eq!(unchanged_log(note, None), note);
+        assert_eq!(unchanged_log(note, Some("  \n")), note);
+        let once = unchanged_log(note, Some(built));
+        assert_eq!(
+            once,
+            format!("{}\n{CURRENT_BUILD_LOG}\n{built}", note.trim_end())
+        );
+        // Asked again: the earlier note goes, the build's log stays, once.
+        let twice = unchanged_log(note, Some(&once));
+        assert_eq!(twice, once);
     }
 }

@@ -59,6 +59,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
                  r.installers::text AS installers, n.fingerprint, n.metadata::text AS metadata,
                  n.claim_token, n.claimed_by, n.lease_expires_at, n.attempts, n.skip_if_current,
                  c.answer,
+                 CASE WHEN n.skip_if_current THEN n.install_log END AS previous_log,
                  extract(epoch FROM clock_timestamp() - c.claimable_since)::float8 AS pickup_secs,
                  CASE
                    WHEN pe.pack_ref IS DISTINCT FROM p.ref THEN format(
@@ -81,7 +82,8 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
                 pack_dependencies,
                 installers, fingerprint, metadata, claim_token, attempts, skip_if_current,
                 pickup_secs, NULL::timestamptz AS checked_at, problem,
-                NULL::timestamptz AS previous_verified, NULL::text AS previous_result, answer
+                NULL::timestamptz AS previous_verified, NULL::text AS previous_result,
+                answer, previous_log
          FROM u",
         p = parents_cte(
             ", claimed_by = u.claimed_by, claim_token = u.claim_token,

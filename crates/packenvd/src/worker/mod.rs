@@ -295,7 +295,9 @@ impl Worker {
             let started = Instant::now();
             let transition =
                 match build::answer(&settings.build_config(), &row.target(), &log, &cancel).await {
-                    Some(Built::Unchanged) => Transition::Unchanged { log: log.render() },
+                    Some(Built::Unchanged) => Transition::Unchanged {
+                        log: store::unchanged_log(&log.render(), row.previous_log.as_deref()),
+                    },
                     Some(Built::NoEnvironment { metadata }) => Transition::Ready {
                         env_path: None,
                         metadata,
@@ -579,7 +581,12 @@ impl Worker {
                     },
                     Some(r.switch),
                 ),
-                Ok(Built::Unchanged) => (Transition::Unchanged { log: text }, None),
+                Ok(Built::Unchanged) => (
+                    Transition::Unchanged {
+                        log: store::unchanged_log(&text, row.previous_log.as_deref()),
+                    },
+                    None,
+                ),
                 Err(f) => (failure(&settings, &claim, &f, text), None),
             };
             self.write_back(&settings, &claim, transition, switch, started.elapsed())

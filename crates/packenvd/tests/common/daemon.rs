@@ -191,3 +191,76 @@ impl Drop for Daemon {
         let _ = self.child.wait();
     }
 }
+
+/// A `packenvd` command (`status`, `request ... --wait`, ...) run by the test's own user with
+/// the test's settings, stdin not a terminal.
+pub fn cli(env: &Env, url: &str, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
+    cmd.args(args).stdin(std::process::Stdio::null());
+    with_settings(&mut cmd, env, url, "cli")
+        .output()
+        .expect("running packenvd")
+}
+
+/// [`cli`] with more environment variables.
+#[allow(dead_code)]
+pub fn cli_with(
+    env: &Env,
+    url: &str,
+    args: &[&str],
+    vars: &[(&str, &str)],
+) -> std::process::Output {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_packenvd"));
+    cmd.args(args)
+        .stdin(std::process::Stdio::null())
+        .envs(vars.iter().copied());
+    with_settings(&mut cmd, env, url, "cli")
+        .output()
+        .expect("running packenvd")
+}
+
+/// [`cli`] on a pseudo-terminal (util-linux `script`), as an operator at a shell runs it; the
+/// exit status is the command's. `args` must need no shell quoting.
+#[allow(dead_code)]
+pub fn cli_on_terminal(env: &Env, url: &str, args: &[&str]) -> std::process::Output {
+    cli_on_terminal_typing(env, url, args, "")
+}
+
+/// [`cli_on_terminal`], with `typed` as what the operator types at it.
+#[allow(dead_code)]
+pub fn cli_on_terminal_typing(
+    env: &Env,
+    url: &str,
+    args: &[&str],
+    typed: &str,
+) -> std::process::Output {
+    use std::io::Write;
+    let line = format!(
+        "stty cols 100; {} {}",
+        env!("CARGO_BIN_EXE_packenvd"),
+        args.join(" ")
+    );
+    let mut cmd = std::process::Command::new("script");
+    cmd.args(["-qec", &line, "/dev/null"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let mut child = with_settings(&mut cmd, env, url, "cli")
+        .spawn()
+        .expect("running packenvd under script");
+    let mut stdin = child.stdin.take().expect("stdin");
+    stdin.write_all(typed.as_bytes()).expect("typing");
+    // Kept open until the command ends: script ends the session when its input ends.
+    let out = child.wait_with_output().expect("packenvd under script");
+    drop(stdin);
+    out
+}
+
+/// The output of a command, for assertions and their messages.
+pub fn text(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
