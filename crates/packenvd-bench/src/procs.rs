@@ -32,16 +32,40 @@ pub struct DaemonDirs {
     pub cache_dir: PathBuf,
     /// An empty config file, so /etc/packenvd/packenvd.toml cannot change the defaults.
     pub config: PathBuf,
+    /// `PACKENVD_NODE_NAME`, for rows that run several nodes. None sends no variable: a build
+    /// from before nodes refuses `PACKENVD_*` variables it does not know.
+    pub node_name: Option<String>,
+    /// More settings as `PACKENVD_*` variables: a row's exceptions to the defaults.
+    pub settings: Vec<(String, String)>,
 }
 
 impl DaemonDirs {
     pub fn new(exe: PathBuf, root: &Path) -> anyhow::Result<DaemonDirs> {
+        DaemonDirs::with_packs(exe, root, root.join("packs"))
+    }
+
+    /// A host of a many-node row: its own envs root, cache and name; the platform's packs,
+    /// which every node reads.
+    pub fn node(
+        exe: PathBuf,
+        root: &Path,
+        packs_dir: &Path,
+        name: &str,
+    ) -> anyhow::Result<DaemonDirs> {
+        let mut d = DaemonDirs::with_packs(exe, root, packs_dir.to_owned())?;
+        d.node_name = Some(name.to_owned());
+        Ok(d)
+    }
+
+    fn with_packs(exe: PathBuf, root: &Path, packs_dir: PathBuf) -> anyhow::Result<DaemonDirs> {
         let d = DaemonDirs {
             exe,
             envs_root: root.join("envs"),
-            packs_dir: root.join("packs"),
+            packs_dir,
             cache_dir: root.join("cache"),
             config: root.join("packenvd.toml"),
+            node_name: None,
+            settings: Vec::new(),
         };
         for dir in [&d.envs_root, &d.packs_dir, &d.cache_dir] {
             std::fs::create_dir_all(dir)?;
@@ -49,6 +73,29 @@ impl DaemonDirs {
         std::fs::write(&d.config, "")?;
         Ok(d)
     }
+}
+
+/// `packenvd migrate` with `dirs`' binary: a build brings its own schema, which the harness's
+/// migrations (this build's) must not pre-empt.
+pub async fn migrate(dirs: &DaemonDirs, url: &str) -> anyhow::Result<()> {
+    let mut cmd = tokio::process::Command::new(&dirs.exe);
+    cmd.arg("--config").arg(&dirs.config).arg("migrate");
+    scrub_packenvd_vars(&mut cmd);
+    let out = cmd
+        .env("DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("cannot start {}", dirs.exe.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} migrate: {}; {}",
+            dirs.exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -83,6 +130,12 @@ pub fn spawn_packenvd(
         .env("PACKENVD_INSTANCE_NAME", name);
     if let Some(c) = concurrency {
         cmd.env("PACKENVD_CONCURRENCY", c.to_string());
+    }
+    if let Some(node) = &dirs.node_name {
+        cmd.env("PACKENVD_NODE_NAME", node);
+    }
+    for (k, v) in &dirs.settings {
+        cmd.env(k, v);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
