@@ -230,7 +230,7 @@ pub(super) fn verification_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
             || "stale ready environments".to_string(),
             |v| {
                 format!(
-                    "{} stale {} environments (1 build + {} linked rows)",
+                    "{} stale {} environments (1 build + {} hard-linked copies)",
                     v.one.environments,
                     v.runtime,
                     v.one.environments.saturating_sub(1)
