@@ -58,6 +58,14 @@ impl Ctx {
     }
 }
 
+/// The daemon a row runs: this build, whose schema the harness applies, or another build
+/// (`--baseline`), which migrates its database itself.
+#[derive(Debug, Clone, Copy)]
+pub enum Build<'a> {
+    This,
+    Other(&'a Path),
+}
+
 /// How long the harness waits between two looks at the queue. Small against the runs (seconds),
 /// large enough that the look costs the server little.
 const DONE_POLL: Duration = Duration::from_millis(10);
