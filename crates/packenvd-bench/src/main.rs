@@ -35,12 +35,17 @@ struct Args {
     /// Skip the peer (graphile_worker) rows.
     #[arg(long)]
     no_peer: bool,
-    /// Only these scenarios (comma-separated: throughput, latency, build, caches, verify, idle).
+    /// Only these scenarios (comma-separated: throughput, latency, build, caches, verify, idle,
+    /// nodes).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The packenvd binary (default: next to this one, i.e. target/release/packenvd).
     #[arg(long)]
     packenvd: Option<PathBuf>,
+    /// Another packenvd binary (e.g. the previous release) whose single-node queue throughput
+    /// the nodes row measures beside this build's; it migrates its own database.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Diagnosis: send throughput daemons through the counting proxy and print statements
     /// and pool pings per row (slower; not for the table).
     #[arg(long)]
@@ -73,6 +78,10 @@ pub struct Plan {
     /// Stale ready environments in the verification row.
     pub verify_envs: usize,
     pub idle_window: Duration,
+    /// Environments per request in the nodes row (on 1 node, then on 3).
+    pub nodes_envs: u64,
+    /// Runs per build and concurrency of the single-node throughput beside `--baseline`.
+    pub versus_samples: usize,
     pub peer: bool,
     /// How long a throughput run of the peer's defaults may take (it drains a bulk insert at
     /// about `concurrency` rows per second; see docs/benchmarks.md).
@@ -96,11 +105,17 @@ impl Plan {
             cache_samples: if quick { 1 } else { 3 },
             verify_envs: if quick { 200 } else { 2000 },
             idle_window: Duration::from_secs(if quick { 10 } else { 60 }),
+            nodes_envs: if quick { 100 } else { 1000 },
+            versus_samples: if quick { 1 } else { 3 },
             peer: !quick && !args.no_peer,
             peer_default_cap: Duration::from_secs(20),
         }
     }
 }
+
+/// Concurrencies of the single-node throughput in the nodes row: one where each row waits for
+/// its own round trips, one where batches dominate.
+const VERSUS_CONCURRENCIES: [usize; 2] = [8, 64];
 
 fn sibling_exe(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
@@ -136,6 +151,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => sibling_exe("packenvd")?,
     };
+    if let Some(b) = &args.baseline {
+        anyhow::ensure!(
+            b.is_file(),
+            "--baseline {}: no such file (scripts/bench.sh --baseline REV builds one)",
+            b.display()
+        );
+    }
     anyhow::ensure!(
         packenvd_exe.is_file(),
         "{} not found: build it first (cargo build --release -p packenvd), or use scripts/bench.sh",
@@ -162,6 +184,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut m = Measured {
         plan: Some(plan.clone()),
+        baseline: args.baseline.clone(),
         machine: report::machine(&ctx.cluster).await,
         ..Measured::default()
     };
@@ -310,6 +333,43 @@ async fn run(args: Args) -> anyhow::Result<()> {
             m.peer_idle_best = report::keep(c);
         } else {
             m.idle = report::keep(scenarios::packenvd_idle(&ctx, w).await);
+        }
+    }
+
+    if wanted(&args, "nodes") {
+        for nodes in [1, 3] {
+            progress(&format!(
+                "nodes: {nodes} node(s) × {} environments",
+                plan.nodes_envs
+            ));
+            m.converge.push((
+                nodes,
+                report::keep(scenarios::converge(&ctx, nodes, plan.nodes_envs).await),
+            ));
+        }
+        for c in VERSUS_CONCURRENCIES {
+            progress(&format!(
+                "nodes: single-node throughput, concurrency {c}, {} run(s){}",
+                plan.versus_samples,
+                if args.baseline.is_some() {
+                    " per build, alternating with the baseline"
+                } else {
+                    ""
+                }
+            ));
+            m.versus.push((
+                c,
+                report::keep(
+                    scenarios::versus(
+                        &ctx,
+                        args.baseline.as_deref(),
+                        plan.rows,
+                        c,
+                        plan.versus_samples,
+                    )
+                    .await,
+                ),
+            ));
         }
     }
 

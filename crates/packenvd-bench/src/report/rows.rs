@@ -2,8 +2,11 @@
 
 use std::time::Duration;
 
-use super::{mb, median, p99, peer_rate, quantiles, ratio, rows_per_s, yes, Cell, Measured};
-use crate::scenarios::{CacheTimes, Idle, Latencies, Verification};
+use super::{
+    baseline_label, mb, median, median_f64, p99, peer_rate, quantiles, ratio, rows_per_s, yes,
+    Cell, Measured,
+};
+use crate::scenarios::{CacheTimes, Converge, Idle, Latencies, Verification};
 
 /// The text of an empty cell.
 fn dash() -> String {
@@ -323,6 +326,117 @@ pub(super) fn idle_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
                 || "n/a".into(),
                 |i| yes((i.peak_rss_kb * 1024) < 25_000_000),
             ),
+        ]);
+    }
+}
+
+/// Measure 7, nodes (issue 12): converge time on 1 and 3 nodes, per-node throughput, and
+/// single-node queue throughput beside `--baseline`.
+pub(super) fn nodes_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
+    let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    let per_s = |envs: u64, d: Duration| envs as f64 / d.as_secs_f64().max(1e-9);
+    let one = m
+        .converge
+        .iter()
+        .find(|(n, _)| *n == 1)
+        .and_then(|(_, c)| c.done());
+    let no_goal = || "(no goal set by issue 12)".to_string();
+    for (nodes, c) in &m.converge {
+        let envs = c.done().map_or_else(|| "N".into(), |c| c.envs.to_string());
+        let (baseline, vs) = match (c.done(), one) {
+            (Some(c), Some(o)) if *nodes != 1 => (
+                format!("1 node {}", secs(o.took)),
+                ratio(c.took.as_secs_f64(), o.took.as_secs_f64()),
+            ),
+            _ => (dash(), dash()),
+        };
+        out.push([
+            "7 nodes, converge time".into(),
+            format!(
+                "{envs} environments in one request, {nodes} node{}, defaults; request commit → every parent and node row ready",
+                if *nodes == 1 { "" } else { "s" }
+            ),
+            c.text(|c| secs(c.took)),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            no_goal(),
+            dash(),
+        ]);
+    }
+    if let Some((nodes, c)) = m.converge.iter().find(|(n, _)| *n > 1) {
+        let rates = |c: &Converge| -> Vec<f64> {
+            c.per_node.iter().map(|(_, d)| per_s(c.envs, *d)).collect()
+        };
+        let (baseline, vs) = match (c.done(), one) {
+            (Some(c), Some(o)) => {
+                let one_rate = per_s(o.envs, o.took);
+                let r = rates(c);
+                let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = r.iter().copied().fold(0.0, f64::max);
+                (
+                    format!("1 node {one_rate:.0}"),
+                    format!("{}–{}", ratio(lo, one_rate), ratio(hi, one_rate)),
+                )
+            }
+            _ => (dash(), dash()),
+        };
+        out.push([
+            "7 nodes, per-node throughput, envs/s".into(),
+            format!(
+                "{nodes} nodes at once: environments ÷ a node's time to its last ready (installed_at), each node"
+            ),
+            c.text(|c| {
+                rates(c)
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            }),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            no_goal(),
+            dash(),
+        ]);
+    }
+    let label = m.baseline.as_deref().map(baseline_label);
+    let runs = |v: &[f64]| {
+        let all: Vec<String> = v.iter().map(|r| format!("{r:.0}")).collect();
+        format!("{} (runs {})", rows_per_s(median_f64(v)), all.join(", "))
+    };
+    for (c, v) in &m.versus {
+        let n = v.done().map_or(0, |v| v.this.len());
+        let rows = m.plan.as_ref().map_or(0, |p| p.rows);
+        let (baseline, vs, met) = match (v.done(), &label) {
+            (Some(v), Some(label)) if !v.other.is_empty() => {
+                let r = median_f64(&v.this) / median_f64(&v.other);
+                (
+                    format!("{label}: {}", runs(&v.other)),
+                    format!("{r:.2}"),
+                    yes(r >= 0.9),
+                )
+            }
+            _ => (dash(), dash(), "n/a".into()),
+        };
+        out.push([
+            "7 nodes, single-node queue throughput, rows/s".into(),
+            format!(
+                "row 1's method: {rows} core.shell rows, concurrency {c}, 1 process; medians of {n}{}",
+                if label.is_some() { ", runs alternating with the baseline" } else { "" }
+            ),
+            v.text(|v| runs(&v.this)),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            "≥ 0.90 of baseline".into(),
+            met,
         ]);
     }
 }

@@ -21,6 +21,7 @@ mod build;
 mod caches;
 mod idle;
 mod latency;
+mod nodes;
 mod throughput;
 mod verify;
 
@@ -28,6 +29,7 @@ pub use build::{build_overhead, BuildTimes};
 pub use caches::{cache_rebuilds, CacheTimes, Caches};
 pub use idle::{packenvd_idle, peer_idle, Idle};
 pub use latency::{packenvd_latency, peer_latency, Latencies};
+pub use nodes::{converge, versus, Converge, Versus};
 pub use throughput::{packenvd_throughput, peer_throughput, raw_throughput, PeerRate};
 pub use verify::{verification, Verification, VerifyRun};
 
