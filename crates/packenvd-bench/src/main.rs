@@ -80,7 +80,8 @@ pub struct Plan {
     pub idle_window: Duration,
     /// Environments per request in the nodes row (on 1 node, then on 3).
     pub nodes_envs: u64,
-    /// Runs per build and concurrency of the single-node throughput beside `--baseline`.
+    /// Runs per build and concurrency of the single-node throughput beside `--baseline`;
+    /// without one, a single run (row 1 measures this build already).
     pub versus_samples: usize,
     pub peer: bool,
     /// How long a throughput run of the peer's defaults may take (it drains a bulk insert at
@@ -106,7 +107,11 @@ impl Plan {
             verify_envs: if quick { 200 } else { 2000 },
             idle_window: Duration::from_secs(if quick { 10 } else { 60 }),
             nodes_envs: if quick { 100 } else { 1000 },
-            versus_samples: if quick { 1 } else { 3 },
+            versus_samples: if quick || args.baseline.is_none() {
+                1
+            } else {
+                3
+            },
             peer: !quick && !args.no_peer,
             peer_default_cap: Duration::from_secs(20),
         }

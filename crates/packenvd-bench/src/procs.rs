@@ -353,6 +353,22 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks as f64 / hz as f64)
 }
 
+/// CPU seconds used by every process named `postgres` (the server on this machine: its
+/// backends, walwriter, autovacuum). A backend that exits between two readings takes its
+/// share with it, so callers read before and after a run whose connections stay open.
+pub fn server_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .filter_map(|pid| cpu_seconds(pid).ok())
+        .sum()
+}
+
 /// A `/proc/PID/status` value in kB (`VmHWM`: peak resident set).
 pub fn status_kb(pid: u32, key: &str) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;

@@ -6,7 +6,7 @@ use super::{
     baseline_label, mb, median, median_f64, p99, peer_rate, quantiles, ratio, rows_per_s, yes,
     Cell, Measured,
 };
-use crate::scenarios::{CacheTimes, Converge, Idle, Latencies, Verification};
+use crate::scenarios::{CacheTimes, Converge, Idle, Latencies, Run, Verification, Versus};
 
 /// The text of an empty cell.
 fn dash() -> String {
@@ -405,31 +405,42 @@ pub(super) fn nodes_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
         ]);
     }
     let label = m.baseline.as_deref().map(baseline_label);
-    let runs = |v: &[f64]| {
-        let all: Vec<String> = v.iter().map(|r| format!("{r:.0}")).collect();
-        format!("{} (runs {})", rows_per_s(median_f64(v)), all.join(", "))
+    let rates = |v: &[Run]| {
+        let all: Vec<String> = v.iter().map(|r| format!("{:.0}", r.rows_per_s)).collect();
+        let median = median_f64(&v.iter().map(|r| r.rows_per_s).collect::<Vec<_>>());
+        format!("{} (runs {})", rows_per_s(median), all.join(", "))
     };
+    // Medians of daemon and server CPU per row, each over the runs.
+    let cpu = |v: &[Run]| {
+        let d = median_f64(&v.iter().map(|r| r.daemon_cpu_us).collect::<Vec<_>>());
+        let s = median_f64(&v.iter().map(|r| r.server_cpu_us).collect::<Vec<_>>());
+        (d, s)
+    };
+    let show_cpu = |(d, s): (f64, f64)| format!("{d:.0} + {s:.0} = {:.0} µs", d + s);
     for (c, v) in &m.versus {
         let n = v.done().map_or(0, |v| v.this.len());
         let rows = m.plan.as_ref().map_or(0, |p| p.rows);
-        let (baseline, vs, met) = match (v.done(), &label) {
-            (Some(v), Some(label)) if !v.other.is_empty() => {
-                let r = median_f64(&v.this) / median_f64(&v.other);
-                (
-                    format!("{label}: {}", runs(&v.other)),
-                    format!("{r:.2}"),
-                    yes(r >= 0.9),
-                )
-            }
-            _ => (dash(), dash(), "n/a".into()),
+        let with_other = |f: &dyn Fn(&Versus, &str) -> [String; 3]| match (v.done(), &label) {
+            (Some(v), Some(label)) if !v.other.is_empty() => f(v, label),
+            _ => [dash(), dash(), "n/a".into()],
         };
+        let [baseline, vs, met] = with_other(&|v, label| {
+            let median =
+                |runs: &[Run]| median_f64(&runs.iter().map(|r| r.rows_per_s).collect::<Vec<_>>());
+            let r = median(&v.this) / median(&v.other);
+            [
+                format!("{label}: {}", rates(&v.other)),
+                format!("{r:.2}"),
+                yes(r >= 0.9),
+            ]
+        });
         out.push([
             "7 nodes, single-node queue throughput, rows/s".into(),
             format!(
                 "row 1's method: {rows} core.shell rows, concurrency {c}, 1 process; medians of {n}{}",
                 if label.is_some() { ", runs alternating with the baseline" } else { "" }
             ),
-            v.text(|v| runs(&v.this)),
+            v.text(|v| rates(&v.this)),
             baseline,
             vs,
             dash(),
@@ -437,6 +448,28 @@ pub(super) fn nodes_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
             dash(),
             "≥ 0.90 of baseline".into(),
             met,
+        ]);
+        let [baseline, vs, _] = with_other(&|v, label| {
+            let (a, b) = (cpu(&v.this), cpu(&v.other));
+            [
+                format!("{label}: {}", show_cpu(b)),
+                ratio(a.0 + a.1, b.0 + b.1),
+                dash(),
+            ]
+        });
+        out.push([
+            "7 nodes, single-node CPU per row".into(),
+            format!(
+                "the same runs: daemon + server (every postgres process) CPU ÷ rows, medians; concurrency {c}"
+            ),
+            v.text(|v| show_cpu(cpu(&v.this))),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            "(diagnosis: what the rate costs)".into(),
+            dash(),
         ]);
     }
 }

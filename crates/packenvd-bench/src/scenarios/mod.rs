@@ -30,7 +30,7 @@ pub use caches::{cache_rebuilds, CacheTimes, Caches};
 pub use idle::{packenvd_idle, peer_idle, Idle};
 pub use latency::{packenvd_latency, peer_latency, Latencies};
 pub use nodes::{converge, versus, Converge, Versus};
-pub use throughput::{packenvd_throughput, peer_throughput, raw_throughput, PeerRate};
+pub use throughput::{packenvd_throughput, peer_throughput, raw_throughput, PeerRate, Run};
 pub use verify::{verification, Verification, VerifyRun};
 
 /// What every scenario needs.

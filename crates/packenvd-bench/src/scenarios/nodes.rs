@@ -9,7 +9,7 @@ use anyhow::{ensure, Context};
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::throughput::{daemon_throughput, NODE_ROWS_EMPTY};
+use super::throughput::{daemon_throughput, Run, NODE_ROWS_EMPTY};
 use super::{elapsed, insert_packs, stop_all, wait_empty, Build, Ctx};
 use crate::procs::{self, DaemonDirs};
 
@@ -155,9 +155,9 @@ async fn check_on_disk(pool: &PgPool) -> anyhow::Result<()> {
 /// `samples` runs each, alternating (other, this) so drift in the machine's speed falls on both.
 #[derive(Debug, Clone)]
 pub struct Versus {
-    pub this: Vec<f64>,
+    pub this: Vec<Run>,
     /// Empty without `--baseline`.
-    pub other: Vec<f64>,
+    pub other: Vec<Run>,
 }
 
 pub async fn versus(
@@ -177,12 +177,16 @@ pub async fn versus(
                 .await
                 .with_context(|| format!("{}", exe.display()))?;
             eprintln!(
-                "packenvd-bench: baseline, concurrency {concurrency}, run {i}: {r:.0} rows/s"
+                "packenvd-bench: baseline, concurrency {concurrency}, run {i}: {:.0} rows/s",
+                r.rows_per_s
             );
             v.other.push(r);
         }
         let r = daemon_throughput(ctx, Build::This, rows, concurrency, 1).await?;
-        eprintln!("packenvd-bench: this build, concurrency {concurrency}, run {i}: {r:.0} rows/s");
+        eprintln!(
+            "packenvd-bench: this build, concurrency {concurrency}, run {i}: {:.0} rows/s",
+            r.rows_per_s
+        );
         v.this.push(r);
     }
     Ok(v)

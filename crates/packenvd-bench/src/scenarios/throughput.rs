@@ -3,7 +3,7 @@
 //! raw limit) and for the peer.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use chrono::{DateTime, Utc};
@@ -74,7 +74,18 @@ pub async fn packenvd_throughput(
     concurrency: usize,
     processes: usize,
 ) -> anyhow::Result<f64> {
-    daemon_throughput(ctx, Build::This, rows, concurrency, processes).await
+    let run = daemon_throughput(ctx, Build::This, rows, concurrency, processes).await?;
+    Ok(run.rows_per_s)
+}
+
+/// One throughput run: its rate, and the CPU it cost per row in the daemons and in the server
+/// (every `postgres` process: the daemon's backends, the harness's looks, autovacuum). CPU is
+/// the figure that holds on a busy machine, where the rate follows whoever else is running.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub rows_per_s: f64,
+    pub daemon_cpu_us: f64,
+    pub server_cpu_us: f64,
 }
 
 /// [`packenvd_throughput`] of `build`: another build migrates its fresh database itself.
@@ -84,7 +95,7 @@ pub(super) async fn daemon_throughput(
     rows: u64,
     concurrency: usize,
     processes: usize,
-) -> anyhow::Result<f64> {
+) -> anyhow::Result<Run> {
     let (db, dirs) = match build {
         Build::This => (
             ctx.cluster.packenvd_db("tp", 2).await?,
@@ -120,23 +131,32 @@ pub(super) async fn daemon_throughput(
         }
         let before = proxy.as_ref().map(|p| p.counts.snapshot());
         let cpu0: f64 = daemons.iter().filter_map(|d| procs::cpu_seconds(d.pid()).ok()).sum();
+        let inserting = Instant::now();
         let t0 = insert_shell_rows(&db.pool).await?;
+        let insert = inserting.elapsed();
+        // After the insert, so the request's own cost (since nodes, a fan-out per row) stays
+        // out of the server's CPU per row; it is `insert` instead.
+        let server0 = procs::server_cpu_seconds();
         let t1 = wait_empty(&db.pool, empty, throughput_limit(rows)).await;
+        let server1 = procs::server_cpu_seconds();
         let cpu1: f64 = daemons.iter().filter_map(|d| procs::cpu_seconds(d.pid()).ok()).sum();
+        let per_row_us = |secs: f64| secs * 1e6 / rows as f64;
+        let costs = format!(
+            "daemon CPU {:.0} µs, server CPU {:.0} µs per row; the insert took {:.0} µs per row",
+            per_row_us(cpu1 - cpu0),
+            per_row_us(server1 - server0),
+            per_row_us(insert.as_secs_f64()),
+        );
         if let (Some(p), Some(before)) = (&proxy, before) {
             let d = p.counts.snapshot() - before;
             let per_row = |n: u64| n as f64 / rows as f64;
             eprintln!(
-                "packenvd-bench: statements: concurrency {concurrency} × {processes}: {:.2} statements and {:.2} pool pings per row; daemon CPU {:.0} µs per row",
+                "packenvd-bench: statements: concurrency {concurrency} × {processes}: {:.2} statements and {:.2} pool pings per row; {costs}",
                 per_row(d.statements),
                 per_row(d.syncs.saturating_sub(d.executes)),
-                (cpu1 - cpu0) * 1e6 / rows as f64,
             );
         } else {
-            eprintln!(
-                "packenvd-bench: daemon CPU {:.0} µs per row",
-                (cpu1 - cpu0) * 1e6 / rows as f64
-            );
+            eprintln!("packenvd-bench: {costs}");
         }
         stop_all(daemons).await;
         let t1 = t1?;
@@ -148,7 +168,11 @@ pub(super) async fn daemon_throughput(
             ready as u64 == rows,
             "only {ready} of {rows} rows are ready"
         );
-        Ok(rate(rows, t0, t1))
+        Ok(Run {
+            rows_per_s: rate(rows, t0, t1),
+            daemon_cpu_us: per_row_us(cpu1 - cpu0),
+            server_cpu_us: per_row_us(server1 - server0),
+        })
     }
     .await;
     ctx.cluster.drop_db(db).await;
