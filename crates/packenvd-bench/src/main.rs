@@ -81,7 +81,7 @@ pub struct Plan {
     /// Environments per request in the nodes row (on 1 node, then on 3).
     pub nodes_envs: u64,
     /// Runs per build and concurrency of the single-node throughput beside `--baseline`;
-    /// without one, a single run (row 1 measures this build already).
+    /// without one, a single run, or row 1's when it ran.
     pub versus_samples: usize,
     pub peer: bool,
     /// How long a throughput run of the peer's defaults may take (it drains a bulk insert at
@@ -353,6 +353,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             ));
         }
         for c in VERSUS_CONCURRENCIES {
+            // Without a baseline the row shows this build only, which row 1 measured already
+            // by the same method when it ran.
+            let row1 = m
+                .throughput
+                .iter()
+                .find(|t| t.concurrency == c && t.processes == 1)
+                .and_then(|t| t.packenvd.done());
+            if let (None, Some(run)) = (&args.baseline, row1) {
+                let v = scenarios::Versus {
+                    this: vec![*run],
+                    other: Vec::new(),
+                };
+                m.versus.push((c, report::Cell::Done(v)));
+                continue;
+            }
             progress(&format!(
                 "nodes: single-node throughput, concurrency {c}, {} run(s){}",
                 plan.versus_samples,

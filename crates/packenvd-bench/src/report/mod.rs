@@ -8,7 +8,7 @@ use comfy_table::{presets, ContentArrangement, Table};
 
 use crate::pg::Cluster;
 use crate::scenarios::{
-    BuildTimes, Caches, Converge, Idle, Latencies, PeerRate, Verification, Versus,
+    BuildTimes, Caches, Converge, Idle, Latencies, PeerRate, Run, Verification, Versus,
 };
 use crate::Plan;
 
@@ -24,7 +24,7 @@ pub enum Cell<T> {
 }
 
 impl<T> Cell<T> {
-    fn done(&self) -> Option<&T> {
+    pub fn done(&self) -> Option<&T> {
         match self {
             Cell::Done(t) => Some(t),
             _ => None,
@@ -57,7 +57,7 @@ pub fn keep<T>(r: anyhow::Result<T>) -> Cell<T> {
 pub struct Throughput {
     pub concurrency: usize,
     pub processes: usize,
-    pub packenvd: Cell<f64>,
+    pub packenvd: Cell<Run>,
     /// Rows/s and the number of harness tasks that gave it.
     pub raw: Option<(f64, usize)>,
     pub peer_default: Cell<PeerRate>,

@@ -22,7 +22,7 @@ pub(super) fn throughput_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
             t.processes,
             if t.processes == 1 { "" } else { "es" }
         );
-        let p = t.packenvd.done().copied();
+        let p = t.packenvd.done().map(|r| r.rows_per_s);
         let baseline = t.raw.map_or_else(dash, |(r, tasks)| {
             format!(
                 "raw {} ({tasks} task{})",
@@ -48,7 +48,7 @@ pub(super) fn throughput_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
         out.push([
             "1 queue throughput, rows/s".into(),
             setting,
-            t.packenvd.text(|r| rows_per_s(*r)),
+            t.packenvd.text(|r| rows_per_s(r.rows_per_s)),
             baseline,
             vs_raw,
             t.peer_default.text(peer_rate),

@@ -73,9 +73,8 @@ pub async fn packenvd_throughput(
     rows: u64,
     concurrency: usize,
     processes: usize,
-) -> anyhow::Result<f64> {
-    let run = daemon_throughput(ctx, Build::This, rows, concurrency, processes).await?;
-    Ok(run.rows_per_s)
+) -> anyhow::Result<Run> {
+    daemon_throughput(ctx, Build::This, rows, concurrency, processes).await
 }
 
 /// One throughput run: its rate, and the CPU it cost per row in the daemons and in the server
