@@ -35,8 +35,8 @@ struct Args {
     /// Skip the peer (graphile_worker) rows.
     #[arg(long)]
     no_peer: bool,
-    /// Only these scenarios (comma-separated: throughput, latency, build, caches, verify, idle,
-    /// nodes).
+    /// Only these scenarios (comma-separated: throughput, latency, build, environments, fleet,
+    /// rerequest, verify, idle, nodes; `caches` is the old name of environments).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The packenvd binary (default: next to this one, i.e. target/release/packenvd).
@@ -73,8 +73,14 @@ pub struct Plan {
     pub latency_samples: usize,
     pub build_samples: usize,
     pub build_warm_up: bool,
-    /// Cold/warm build pairs per runtime in the caches row (medians are shown).
+    /// Cold/warm build pairs per variant in the environments row (medians are shown).
     pub cache_samples: usize,
+    /// Packs in the fleet row built by the default runtime with uv, and by pip only and the
+    /// old commands (fewer: minutes each; the row scales their time per pack).
+    pub fleet_packs: usize,
+    pub fleet_packs_slow: usize,
+    /// Packs re-requested in the re-request row.
+    pub rerequest_packs: usize,
     /// Stale ready environments in the verification row.
     pub verify_envs: usize,
     pub idle_window: Duration,
@@ -104,6 +110,9 @@ impl Plan {
             build_samples: args.build_samples.unwrap_or(if quick { 1 } else { 10 }),
             build_warm_up: !quick,
             cache_samples: if quick { 1 } else { 3 },
+            fleet_packs: if quick { 10 } else { 200 },
+            fleet_packs_slow: if quick { 2 } else { 20 },
+            rerequest_packs: if quick { 50 } else { 1000 },
             verify_envs: if quick { 200 } else { 2000 },
             idle_window: Duration::from_secs(if quick { 10 } else { 60 }),
             nodes_envs: if quick { 100 } else { 1000 },
@@ -298,12 +307,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    if wanted(&args, "caches") {
+    if wanted(&args, "environments") || wanted(&args, "caches") {
         progress(&format!(
-            "caches: {} cold and warm build(s) per runtime",
+            "environments: {} cold and warm build(s) per variant (uv, pip only, old commands)",
             plan.cache_samples
         ));
-        m.caches = report::keep(scenarios::cache_rebuilds(&ctx, plan.cache_samples).await);
+        m.environments = report::keep(scenarios::environments(&ctx, plan.cache_samples).await);
+    }
+
+    if wanted(&args, "fleet") {
+        for variant in scenarios::VARIANTS {
+            let n = if variant == scenarios::Variant::Uv {
+                plan.fleet_packs
+            } else {
+                plan.fleet_packs_slow
+            };
+            progress(&format!(
+                "fleet: {n} packs built, made outdated and rebuilt ({})",
+                variant.label()
+            ));
+            m.fleet.push((
+                variant,
+                report::keep(scenarios::fleet(&ctx, variant, n).await),
+            ));
+        }
+    }
+
+    if wanted(&args, "rerequest") {
+        progress(&format!(
+            "re-request: {} ready packs requested again",
+            plan.rerequest_packs
+        ));
+        m.rerequest = report::keep(scenarios::rerequest(&ctx, plan.rerequest_packs).await);
     }
 
     if wanted(&args, "verify") {

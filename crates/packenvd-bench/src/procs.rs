@@ -268,6 +268,22 @@ impl Proc {
         }
     }
 
+    /// The next event, or None when `limit` passes without one (an exit is still an error).
+    pub async fn try_event(&mut self, limit: Duration) -> anyhow::Result<Option<Event>> {
+        match tokio::time::timeout(limit, self.events.recv()).await {
+            Ok(Some(ev)) => Ok(Some(ev)),
+            Ok(None) => {
+                let status = self.child.wait().await.ok();
+                bail!(
+                    "{} exited ({status:?}); its last output:\n{}",
+                    self.name,
+                    self.tail()
+                )
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         loop {
             if let Event::Ready = self.next_event(Duration::from_secs(60)).await? {

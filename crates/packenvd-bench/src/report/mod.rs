@@ -8,7 +8,8 @@ use comfy_table::{presets, ContentArrangement, Table};
 
 use crate::pg::Cluster;
 use crate::scenarios::{
-    BuildTimes, Caches, Converge, Idle, Latencies, PeerRate, Run, Verification, Versus,
+    BuildTimes, Converge, Environments, Fleet, Idle, Latencies, PeerRate, Rerequest, Run, Variant,
+    Verification, Versus,
 };
 use crate::Plan;
 
@@ -74,7 +75,9 @@ pub struct Measured {
     pub peer_latency_default: Cell<Latencies>,
     pub peer_latency_best: Cell<Latencies>,
     pub build: Cell<BuildTimes>,
-    pub caches: Cell<Caches>,
+    pub environments: Cell<Environments>,
+    pub fleet: Vec<(Variant, Cell<Fleet>)>,
+    pub rerequest: Cell<Rerequest>,
     pub verification: Cell<Verification>,
     pub idle: Cell<Idle>,
     pub peer_idle_default: Cell<Idle>,
@@ -260,7 +263,8 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
     rows::throughput_rows(m, &mut out);
     rows::latency_rows(m, &mut out);
     rows::build_rows(m, &mut out);
-    rows::caches_rows(m, &mut out);
+    rows::environments_rows(m, &mut out);
+    rows::fleet_rows(m, &mut out);
     rows::verification_rows(m, &mut out);
     rows::idle_rows(m, &mut out);
     rows::nodes_rows(m, &mut out);
@@ -289,11 +293,14 @@ pub fn print(m: &Measured) {
     }
     if let Some(p) = &m.plan {
         println!(
-            "- rows per throughput run: {}; latency requests: {}; build samples: {}; cache samples: {}; verified environments: {}; idle window: {} s; environments per node request: {}; single-node runs per build: {}; peer: {}",
+            "- rows per throughput run: {}; latency requests: {}; build samples: {}; environment samples: {}; fleet: {} packs ({} for pip only and the old commands); re-requested packs: {}; verified environments: {}; idle window: {} s; environments per node request: {}; single-node runs per build: {}; peer: {}",
             p.rows,
             p.latency_samples,
             p.build_samples,
             p.cache_samples,
+            p.fleet_packs,
+            p.fleet_packs_slow,
+            p.rerequest_packs,
             p.verify_envs,
             p.idle_window.as_secs(),
             p.nodes_envs,

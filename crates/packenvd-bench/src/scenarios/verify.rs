@@ -57,11 +57,12 @@ fn daemon_settings(
     Ok(settings)
 }
 
-/// Row 5: one real core.python-uv build, `n - 1` more ready rows linked to it, all stale; then
+/// Row 5: one real core.python build, `n - 1` more ready rows linked to it, all stale; then
 /// `verify::run_pass(Scope::Stale)` (the library, the daemon's default settings) by one
 /// instance, and again (all stale again) by two at once.
 pub async fn verification(ctx: &Ctx, n: usize) -> anyhow::Result<Verification> {
-    let runtime = "core.python-uv";
+    // The default runtime: it builds with uv or, on a host without it, with pip.
+    let runtime = "core.python";
     let db = ctx.cluster.packenvd_db("verify", 4).await?;
     let result = async {
         let mut dirs = ctx.daemon_dirs("verify")?;
