@@ -35,12 +35,17 @@ struct Args {
     /// Skip the peer (graphile_worker) rows.
     #[arg(long)]
     no_peer: bool,
-    /// Only these scenarios (comma-separated: throughput, latency, build, caches, verify, idle).
+    /// Only these scenarios (comma-separated: throughput, latency, build, environments, fleet,
+    /// rerequest, verify, idle, nodes; `caches` is the old name of environments).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The packenvd binary (default: next to this one, i.e. target/release/packenvd).
     #[arg(long)]
     packenvd: Option<PathBuf>,
+    /// Another packenvd binary (e.g. the previous release) whose single-node queue throughput
+    /// the nodes row measures beside this build's; it migrates its own database.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
     /// Diagnosis: send throughput daemons through the counting proxy and print statements
     /// and pool pings per row (slower; not for the table).
     #[arg(long)]
@@ -68,11 +73,22 @@ pub struct Plan {
     pub latency_samples: usize,
     pub build_samples: usize,
     pub build_warm_up: bool,
-    /// Cold/warm build pairs per runtime in the caches row (medians are shown).
+    /// Cold/warm build pairs per variant in the environments row (medians are shown).
     pub cache_samples: usize,
+    /// Packs in the fleet row built by the default runtime with uv, and by pip only and the
+    /// old commands (fewer: minutes each; the row scales their time per pack).
+    pub fleet_packs: usize,
+    pub fleet_packs_slow: usize,
+    /// Packs re-requested in the re-request row.
+    pub rerequest_packs: usize,
     /// Stale ready environments in the verification row.
     pub verify_envs: usize,
     pub idle_window: Duration,
+    /// Environments per request in the nodes row (on 1 node, then on 3).
+    pub nodes_envs: u64,
+    /// Runs per build and concurrency of the single-node throughput beside `--baseline`;
+    /// without one, a single run, or row 1's when it ran.
+    pub versus_samples: usize,
     pub peer: bool,
     /// How long a throughput run of the peer's defaults may take (it drains a bulk insert at
     /// about `concurrency` rows per second; see docs/benchmarks.md).
@@ -94,13 +110,26 @@ impl Plan {
             build_samples: args.build_samples.unwrap_or(if quick { 1 } else { 10 }),
             build_warm_up: !quick,
             cache_samples: if quick { 1 } else { 3 },
+            fleet_packs: if quick { 10 } else { 200 },
+            fleet_packs_slow: if quick { 2 } else { 20 },
+            rerequest_packs: if quick { 50 } else { 1000 },
             verify_envs: if quick { 200 } else { 2000 },
             idle_window: Duration::from_secs(if quick { 10 } else { 60 }),
+            nodes_envs: if quick { 100 } else { 1000 },
+            versus_samples: if quick || args.baseline.is_none() {
+                1
+            } else {
+                3
+            },
             peer: !quick && !args.no_peer,
             peer_default_cap: Duration::from_secs(20),
         }
     }
 }
+
+/// Concurrencies of the single-node throughput in the nodes row: one where each row waits for
+/// its own round trips, one where batches dominate.
+const VERSUS_CONCURRENCIES: [usize; 2] = [8, 64];
 
 fn sibling_exe(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
@@ -136,6 +165,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(p) => p.clone(),
         None => sibling_exe("packenvd")?,
     };
+    if let Some(b) = &args.baseline {
+        anyhow::ensure!(
+            b.is_file(),
+            "--baseline {}: no such file (scripts/bench.sh --baseline REV builds one)",
+            b.display()
+        );
+    }
     anyhow::ensure!(
         packenvd_exe.is_file(),
         "{} not found: build it first (cargo build --release -p packenvd), or use scripts/bench.sh",
@@ -162,6 +198,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let mut m = Measured {
         plan: Some(plan.clone()),
+        baseline: args.baseline.clone(),
         machine: report::machine(&ctx.cluster).await,
         ..Measured::default()
     };
@@ -270,12 +307,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
 
-    if wanted(&args, "caches") {
+    if wanted(&args, "environments") || wanted(&args, "caches") {
         progress(&format!(
-            "caches: {} cold and warm build(s) per runtime",
+            "environments: {} cold and warm build(s) per variant (uv, pip only, old commands)",
             plan.cache_samples
         ));
-        m.caches = report::keep(scenarios::cache_rebuilds(&ctx, plan.cache_samples).await);
+        m.environments = report::keep(scenarios::environments(&ctx, plan.cache_samples).await);
+    }
+
+    if wanted(&args, "fleet") {
+        for variant in scenarios::VARIANTS {
+            let n = if variant == scenarios::Variant::Uv {
+                plan.fleet_packs
+            } else {
+                plan.fleet_packs_slow
+            };
+            progress(&format!(
+                "fleet: {n} packs built, made outdated and rebuilt ({})",
+                variant.label()
+            ));
+            m.fleet.push((
+                variant,
+                report::keep(scenarios::fleet(&ctx, variant, n).await),
+            ));
+        }
+    }
+
+    if wanted(&args, "rerequest") {
+        progress(&format!(
+            "re-request: {} ready packs requested again",
+            plan.rerequest_packs
+        ));
+        m.rerequest = report::keep(scenarios::rerequest(&ctx, plan.rerequest_packs).await);
     }
 
     if wanted(&args, "verify") {
@@ -310,6 +373,58 @@ async fn run(args: Args) -> anyhow::Result<()> {
             m.peer_idle_best = report::keep(c);
         } else {
             m.idle = report::keep(scenarios::packenvd_idle(&ctx, w).await);
+        }
+    }
+
+    if wanted(&args, "nodes") {
+        for nodes in [1, 3] {
+            progress(&format!(
+                "nodes: {nodes} node(s) × {} environments",
+                plan.nodes_envs
+            ));
+            m.converge.push((
+                nodes,
+                report::keep(scenarios::converge(&ctx, nodes, plan.nodes_envs).await),
+            ));
+        }
+        for c in VERSUS_CONCURRENCIES {
+            // Without a baseline the row shows this build only, which row 1 measured already
+            // by the same method when it ran.
+            let row1 = m
+                .throughput
+                .iter()
+                .find(|t| t.concurrency == c && t.processes == 1)
+                .and_then(|t| t.packenvd.done());
+            if let (None, Some(run)) = (&args.baseline, row1) {
+                let v = scenarios::Versus {
+                    this: vec![*run],
+                    other: Vec::new(),
+                };
+                m.versus.push((c, report::Cell::Done(v)));
+                continue;
+            }
+            progress(&format!(
+                "nodes: single-node throughput, concurrency {c}, {} run(s){}",
+                plan.versus_samples,
+                if args.baseline.is_some() {
+                    " per build, alternating with the baseline"
+                } else {
+                    ""
+                }
+            ));
+            m.versus.push((
+                c,
+                report::keep(
+                    scenarios::versus(
+                        &ctx,
+                        args.baseline.as_deref(),
+                        plan.rows,
+                        c,
+                        plan.versus_samples,
+                    )
+                    .await,
+                ),
+            ));
         }
     }
 

@@ -32,16 +32,40 @@ pub struct DaemonDirs {
     pub cache_dir: PathBuf,
     /// An empty config file, so /etc/packenvd/packenvd.toml cannot change the defaults.
     pub config: PathBuf,
+    /// `PACKENVD_NODE_NAME`, for rows that run several nodes. None sends no variable: a build
+    /// from before nodes refuses `PACKENVD_*` variables it does not know.
+    pub node_name: Option<String>,
+    /// More settings as `PACKENVD_*` variables: a row's exceptions to the defaults.
+    pub settings: Vec<(String, String)>,
 }
 
 impl DaemonDirs {
     pub fn new(exe: PathBuf, root: &Path) -> anyhow::Result<DaemonDirs> {
+        DaemonDirs::with_packs(exe, root, root.join("packs"))
+    }
+
+    /// A host of a many-node row: its own envs root, cache and name; the platform's packs,
+    /// which every node reads.
+    pub fn node(
+        exe: PathBuf,
+        root: &Path,
+        packs_dir: &Path,
+        name: &str,
+    ) -> anyhow::Result<DaemonDirs> {
+        let mut d = DaemonDirs::with_packs(exe, root, packs_dir.to_owned())?;
+        d.node_name = Some(name.to_owned());
+        Ok(d)
+    }
+
+    fn with_packs(exe: PathBuf, root: &Path, packs_dir: PathBuf) -> anyhow::Result<DaemonDirs> {
         let d = DaemonDirs {
             exe,
             envs_root: root.join("envs"),
-            packs_dir: root.join("packs"),
+            packs_dir,
             cache_dir: root.join("cache"),
             config: root.join("packenvd.toml"),
+            node_name: None,
+            settings: Vec::new(),
         };
         for dir in [&d.envs_root, &d.packs_dir, &d.cache_dir] {
             std::fs::create_dir_all(dir)?;
@@ -49,6 +73,29 @@ impl DaemonDirs {
         std::fs::write(&d.config, "")?;
         Ok(d)
     }
+}
+
+/// `packenvd migrate` with `dirs`' binary: a build brings its own schema, which the harness's
+/// migrations (this build's) must not pre-empt.
+pub async fn migrate(dirs: &DaemonDirs, url: &str) -> anyhow::Result<()> {
+    let mut cmd = tokio::process::Command::new(&dirs.exe);
+    cmd.arg("--config").arg(&dirs.config).arg("migrate");
+    scrub_packenvd_vars(&mut cmd);
+    let out = cmd
+        .env("DATABASE_URL", url)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .with_context(|| format!("cannot start {}", dirs.exe.display()))?;
+    if !out.status.success() {
+        bail!(
+            "{} migrate: {}; {}",
+            dirs.exe.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
 }
 
 #[derive(Debug)]
@@ -83,6 +130,12 @@ pub fn spawn_packenvd(
         .env("PACKENVD_INSTANCE_NAME", name);
     if let Some(c) = concurrency {
         cmd.env("PACKENVD_CONCURRENCY", c.to_string());
+    }
+    if let Some(node) = &dirs.node_name {
+        cmd.env("PACKENVD_NODE_NAME", node);
+    }
+    for (k, v) in &dirs.settings {
+        cmd.env(k, v);
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -215,6 +268,22 @@ impl Proc {
         }
     }
 
+    /// The next event, or None when `limit` passes without one (an exit is still an error).
+    pub async fn try_event(&mut self, limit: Duration) -> anyhow::Result<Option<Event>> {
+        match tokio::time::timeout(limit, self.events.recv()).await {
+            Ok(Some(ev)) => Ok(Some(ev)),
+            Ok(None) => {
+                let status = self.child.wait().await.ok();
+                bail!(
+                    "{} exited ({status:?}); its last output:\n{}",
+                    self.name,
+                    self.tail()
+                )
+            }
+            Err(_) => Ok(None),
+        }
+    }
+
     pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
         loop {
             if let Event::Ready = self.next_event(Duration::from_secs(60)).await? {
@@ -298,6 +367,22 @@ pub fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
         .flatten()
         .unwrap_or(100);
     Ok(ticks as f64 / hz as f64)
+}
+
+/// CPU seconds used by every process named `postgres` (the server on this machine: its
+/// backends, walwriter, autovacuum). A backend that exits between two readings takes its
+/// share with it, so callers read before and after a run whose connections stay open.
+pub fn server_cpu_seconds() -> f64 {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .is_ok_and(|c| c.trim() == "postgres")
+        })
+        .filter_map(|pid| cpu_seconds(pid).ok())
+        .sum()
 }
 
 /// A `/proc/PID/status` value in kB (`VmHWM`: peak resident set).

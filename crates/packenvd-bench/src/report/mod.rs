@@ -1,12 +1,16 @@
 //! The table: one row per measurement, the goal of issue 7 beside it and whether it is met.
 //! Printed aligned for a terminal, then as Markdown for docs/benchmarks.md.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use comfy_table::{presets, ContentArrangement, Table};
 
 use crate::pg::Cluster;
-use crate::scenarios::{BuildTimes, Caches, Idle, Latencies, PeerRate, Verification};
+use crate::scenarios::{
+    BuildTimes, Converge, Environments, Fleet, Idle, Latencies, PeerRate, Rerequest, Run, Variant,
+    Verification, Versus,
+};
 use crate::Plan;
 
 mod rows;
@@ -21,7 +25,7 @@ pub enum Cell<T> {
 }
 
 impl<T> Cell<T> {
-    fn done(&self) -> Option<&T> {
+    pub fn done(&self) -> Option<&T> {
         match self {
             Cell::Done(t) => Some(t),
             _ => None,
@@ -54,7 +58,7 @@ pub fn keep<T>(r: anyhow::Result<T>) -> Cell<T> {
 pub struct Throughput {
     pub concurrency: usize,
     pub processes: usize,
-    pub packenvd: Cell<f64>,
+    pub packenvd: Cell<Run>,
     /// Rows/s and the number of harness tasks that gave it.
     pub raw: Option<(f64, usize)>,
     pub peer_default: Cell<PeerRate>,
@@ -71,11 +75,19 @@ pub struct Measured {
     pub peer_latency_default: Cell<Latencies>,
     pub peer_latency_best: Cell<Latencies>,
     pub build: Cell<BuildTimes>,
-    pub caches: Cell<Caches>,
+    pub environments: Cell<Environments>,
+    pub fleet: Vec<(Variant, Cell<Fleet>)>,
+    pub rerequest: Cell<Rerequest>,
     pub verification: Cell<Verification>,
     pub idle: Cell<Idle>,
     pub peer_idle_default: Cell<Idle>,
     pub peer_idle_best: Cell<Idle>,
+    /// Row 7: converge time by number of nodes.
+    pub converge: Vec<(usize, Cell<Converge>)>,
+    /// Row 7: single-node throughput beside the baseline, by concurrency.
+    pub versus: Vec<(usize, Cell<Versus>)>,
+    /// `--baseline`: the other build's binary.
+    pub baseline: Option<PathBuf>,
     pub took: Duration,
 }
 
@@ -145,6 +157,26 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     }
     let rank = (p * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// The middle value (the mean of the two middle ones for an even count).
+fn median_f64(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
+/// What the table calls `--baseline`: the revision when scripts/bench.sh built it
+/// (`target/baseline-REV/...`), else the path.
+fn baseline_label(p: &Path) -> String {
+    p.components()
+        .filter_map(|c| c.as_os_str().to_str()?.strip_prefix("baseline-"))
+        .next_back()
+        .map_or_else(|| p.display().to_string(), str::to_owned)
 }
 
 fn median(v: &[Duration]) -> Duration {
@@ -231,9 +263,11 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
     rows::throughput_rows(m, &mut out);
     rows::latency_rows(m, &mut out);
     rows::build_rows(m, &mut out);
-    rows::caches_rows(m, &mut out);
+    rows::environments_rows(m, &mut out);
+    rows::fleet_rows(m, &mut out);
     rows::verification_rows(m, &mut out);
     rows::idle_rows(m, &mut out);
+    rows::nodes_rows(m, &mut out);
     out
 }
 
@@ -259,15 +293,23 @@ pub fn print(m: &Measured) {
     }
     if let Some(p) = &m.plan {
         println!(
-            "- rows per throughput run: {}; latency requests: {}; build samples: {}; cache samples: {}; verified environments: {}; idle window: {} s; peer: {}",
+            "- rows per throughput run: {}; latency requests: {}; build samples: {}; environment samples: {}; fleet: {} packs ({} for pip only and the old commands); re-requested packs: {}; verified environments: {}; idle window: {} s; environments per node request: {}; single-node runs per build: {}; peer: {}",
             p.rows,
             p.latency_samples,
             p.build_samples,
             p.cache_samples,
+            p.fleet_packs,
+            p.fleet_packs_slow,
+            p.rerequest_packs,
             p.verify_envs,
             p.idle_window.as_secs(),
+            p.nodes_envs,
+            p.versus_samples,
             if p.peer { "graphile_worker 0.14 (best: ".to_string() + &m.peer_best_settings + ")" } else { "skipped".into() }
         );
+    }
+    if let Some(b) = &m.baseline {
+        println!("- baseline: {}", b.display());
     }
     println!("- the whole run took {:.0} s", m.took.as_secs_f64());
     println!();
@@ -294,6 +336,17 @@ mod tests {
         assert_eq!(percentile(&v, 0.99), Duration::from_millis(99));
         assert_eq!(percentile(&v, 1.0), Duration::from_millis(100));
         assert_eq!(percentile(&v[..1], 0.99), Duration::from_millis(1));
+    }
+
+    #[test]
+    fn medians_and_baseline_labels() {
+        assert_eq!(median_f64(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median_f64(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(
+            baseline_label(Path::new("target/baseline-35b39af/release/packenvd")),
+            "35b39af"
+        );
+        assert_eq!(baseline_label(Path::new("/opt/packenvd")), "/opt/packenvd");
     }
 
     #[test]

@@ -2,8 +2,13 @@
 
 use std::time::Duration;
 
-use super::{mb, median, p99, peer_rate, quantiles, ratio, rows_per_s, yes, Cell, Measured};
-use crate::scenarios::{CacheTimes, Idle, Latencies, Verification};
+use super::{
+    baseline_label, mb, median, median_f64, p99, peer_rate, quantiles, ratio, rows_per_s, yes,
+    Cell, Measured,
+};
+use crate::scenarios::{
+    Converge, EnvTimes, Fleet, Idle, Latencies, Run, Variant, Verification, Versus,
+};
 
 /// The text of an empty cell.
 fn dash() -> String {
@@ -19,7 +24,7 @@ pub(super) fn throughput_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
             t.processes,
             if t.processes == 1 { "" } else { "es" }
         );
-        let p = t.packenvd.done().copied();
+        let p = t.packenvd.done().map(|r| r.rows_per_s);
         let baseline = t.raw.map_or_else(dash, |(r, tasks)| {
             format!(
                 "raw {} ({tasks} task{})",
@@ -45,7 +50,7 @@ pub(super) fn throughput_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
         out.push([
             "1 queue throughput, rows/s".into(),
             setting,
-            t.packenvd.text(|r| rows_per_s(*r)),
+            t.packenvd.text(|r| rows_per_s(r.rows_per_s)),
             baseline,
             vs_raw,
             t.peer_default.text(peer_rate),
@@ -148,70 +153,201 @@ pub(super) fn build_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
     }
 }
 
-/// Measure 4, caches: one row per runtime.
-pub(super) fn caches_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
-    if !matches!(m.caches, Cell::NotRun) {
-        let n = m.caches.done().map_or(0, |c| c.pip.cold.len());
-        let goal = "warm ≥ 5× faster than cold";
-        let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
-        let speedup = |t: &CacheTimes| {
-            median(&t.cold).as_secs_f64() / median(&t.warm).as_secs_f64().max(1e-9)
-        };
-        let pip_uv = match m.caches.done().map(|c| (&c.pip, &c.uv)) {
-            Some((p, Ok(u))) if !p.cold.is_empty() && !u.cold.is_empty() => format!(
-                "; pip ÷ uv: cold {:.1}×, warm {:.1}×",
-                median(&p.cold).as_secs_f64() / median(&u.cold).as_secs_f64().max(1e-9),
-                median(&p.warm).as_secs_f64() / median(&u.warm).as_secs_f64().max(1e-9),
+fn secs(d: Duration) -> String {
+    format!("{:.2} s", d.as_secs_f64())
+}
+
+fn median_u64(v: &[u64]) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    s.get(s.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// "cold 1.20 s, warm 0.30 s, +0.1 MB per extra environment".
+fn env_times(t: &EnvTimes) -> String {
+    format!(
+        "cold {}, warm {} ({} wheel requests), +{} per extra environment (first {})",
+        secs(median(&t.cold)),
+        secs(median(&t.warm)),
+        t.warm_downloads,
+        mb(median_u64(&t.extra_disk) / 1024),
+        mb(median_u64(&t.first_disk) / 1024),
+    )
+}
+
+/// Measure 4 (issue 13): one row per way of building a Python environment; the old commands
+/// are the baseline of the others.
+pub(super) fn environments_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
+    if matches!(m.environments, Cell::NotRun) {
+        return;
+    }
+    let variant = |v: Variant| -> Result<&EnvTimes, String> {
+        match &m.environments {
+            Cell::Done(e) => e.variants.iter().find(|(w, _)| *w == v).map_or_else(
+                || Err("not run".into()),
+                |(_, r)| r.as_ref().map_err(|e| e.clone()),
             ),
-            _ => String::new(),
-        };
-        let rows: [(&str, Result<Option<&CacheTimes>, String>); 2] = match &m.caches {
-            Cell::Done(c) => [
-                ("core.python", Ok(Some(&c.pip))),
-                (
-                    "core.python-uv",
-                    c.uv.as_ref().map(Some).map_err(|e| e.clone()),
-                ),
-            ],
-            Cell::Failed(e) => [
-                ("core.python", Err(e.clone())),
-                ("core.python-uv", Err(e.clone())),
-            ],
-            Cell::NotRun => [("core.python", Ok(None)), ("core.python-uv", Ok(None))],
-        };
-        for (runtime, t) in rows {
-            let setting = format!(
-                "{runtime}, 3 wheels from a loopback index; warm = operator reset, same cache; medians of {n}{}",
-                if runtime == "core.python-uv" { pip_uv.as_str() } else { "" }
-            );
-            let (packenvd, baseline, vs, met) = match t {
-                Ok(Some(t)) if !t.cold.is_empty() => (
-                    format!(
-                        "warm {} ({:.1}× faster; {} wheel requests)",
-                        secs(median(&t.warm)),
-                        speedup(t),
-                        t.warm_downloads
-                    ),
-                    format!("cold {}", secs(median(&t.cold))),
-                    ratio(median(&t.warm).as_secs_f64(), median(&t.cold).as_secs_f64()),
-                    yes(speedup(t) >= 5.0),
-                ),
-                Ok(_) => (dash(), dash(), dash(), "n/a".into()),
-                Err(e) => (format!("n/a: {e}"), dash(), dash(), "n/a".into()),
-            };
-            out.push([
-                "4 caches, warm vs cold rebuild".into(),
-                setting,
-                packenvd,
-                baseline,
-                vs,
-                dash(),
-                dash(),
-                dash(),
-                goal.into(),
-                met,
-            ]);
+            Cell::Failed(e) => Err(e.clone()),
+            Cell::NotRun => Err("not run".into()),
         }
+    };
+    let n = m.environments.done().map_or(0, |e| e.samples);
+    let old = variant(Variant::Old);
+    for v in crate::scenarios::VARIANTS {
+        let this = variant(v);
+        let (goal, met) = match (v, &this) {
+            (Variant::Uv, Ok(t)) => (
+                "warm ≤ 0.5 s, cold ≤ 1 s, ≤ 1 MB per extra env",
+                yes(median(&t.warm) <= Duration::from_millis(500)
+                    && median(&t.cold) <= Duration::from_secs(1)
+                    && median_u64(&t.extra_disk) <= 1_000_000),
+            ),
+            (Variant::PipOnly, Ok(t)) => (
+                "warm ≤ 1.5 s",
+                yes(median(&t.warm) <= Duration::from_millis(1500)),
+            ),
+            (Variant::Uv, Err(_)) => (
+                "warm ≤ 0.5 s, cold ≤ 1 s, ≤ 1 MB per extra env",
+                "n/a".into(),
+            ),
+            (Variant::PipOnly, Err(_)) => ("warm ≤ 1.5 s", "n/a".into()),
+            (Variant::Old, _) => ("(the baseline)", dash()),
+        };
+        let (baseline, vs) = match (v, &this, &old) {
+            (Variant::Old, _, _) => (dash(), dash()),
+            (_, Ok(t), Ok(o)) => (
+                env_times(o),
+                format!(
+                    "cold {}, warm {}, disk {}",
+                    ratio(median(&t.cold).as_secs_f64(), median(&o.cold).as_secs_f64()),
+                    ratio(median(&t.warm).as_secs_f64(), median(&o.warm).as_secs_f64()),
+                    ratio(
+                        median_u64(&t.extra_disk) as f64,
+                        median_u64(&o.extra_disk) as f64
+                    ),
+                ),
+            ),
+            (_, _, Ok(o)) => (env_times(o), dash()),
+            (_, _, Err(e)) => (format!("n/a: {e}"), dash()),
+        };
+        out.push([
+            "4 Python environment, cold and warm build, disk".into(),
+            format!(
+                "{}; 3 wheels from a loopback index; warm = operator reset, same cache; medians of {n}",
+                v.label()
+            ),
+            match &this {
+                Ok(t) => env_times(t),
+                Err(e) => format!("n/a: {e}"),
+            },
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            goal.into(),
+            met,
+        ]);
+    }
+}
+
+/// Seconds per pack of a fleet rebuild.
+fn per_pack(f: &Fleet) -> f64 {
+    f.rebuild.as_secs_f64() / f.packs.max(1) as f64
+}
+
+fn fleet_text(f: &Fleet) -> String {
+    format!(
+        "{} packs in {} ({:.2} s per pack; first build {})",
+        f.packs,
+        secs(f.rebuild),
+        per_pack(f),
+        secs(f.first)
+    )
+}
+
+/// Measures 4b and 4c (issue 13): a fleet made outdated, per variant against the old commands
+/// (time per pack: the old commands' fleet is smaller); and the re-request of unchanged packs.
+pub(super) fn fleet_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
+    let old = m
+        .fleet
+        .iter()
+        .find(|(v, _)| *v == Variant::Old)
+        .map(|(_, c)| c);
+    for (v, cell) in &m.fleet {
+        if *v == Variant::Old {
+            continue;
+        }
+        let (baseline, vs, speedup) = match (cell.done(), old.and_then(|o| o.done())) {
+            (Some(f), Some(o)) => (
+                fleet_text(o),
+                ratio(per_pack(f), per_pack(o)),
+                Some(per_pack(o) / per_pack(f).max(1e-9)),
+            ),
+            (_, Some(o)) => (fleet_text(o), dash(), None),
+            (_, None) => (old.map_or_else(dash, |o| o.text(fleet_text)), dash(), None),
+        };
+        let (goal, met) = match v {
+            Variant::Uv => (
+                "≥ 10× faster than the old commands".to_string(),
+                speedup.map_or_else(|| "n/a".into(), |s| yes(s >= 10.0)),
+            ),
+            _ => (dash(), dash()),
+        };
+        out.push([
+            "4b fleet made outdated → all ready".into(),
+            format!(
+                "{}; 3 shared requirements + 1 of 5 per pack, loopback index; default concurrency{}",
+                v.label(),
+                speedup.map_or_else(String::new, |s| format!("; {s:.1}× faster per pack"))
+            ),
+            cell.text(fleet_text),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            goal,
+            met,
+        ]);
+    }
+    if !matches!(m.rerequest, Cell::NotRun) {
+        let rate =
+            |r: &crate::scenarios::Rerequest| r.packs as f64 / r.took.as_secs_f64().max(1e-9);
+        out.push([
+            "4c re-request of unchanged packs".into(),
+            m.rerequest.done().map_or_else(
+                || "ready packs requested again in one statement".into(),
+                |r| {
+                    format!(
+                        "{} ready packs ({}) requested again in one statement",
+                        r.packs,
+                        r.variant.label()
+                    )
+                },
+            ),
+            m.rerequest.text(|r| {
+                format!(
+                    "{:.0} answered/s ({} in {}; {} rebuilt)",
+                    rate(r),
+                    r.packs,
+                    secs(r.took),
+                    r.rebuilt
+                )
+            }),
+            dash(),
+            dash(),
+            dash(),
+            dash(),
+            dash(),
+            "≥ 2,000 answered/s, none rebuilt".into(),
+            m.rerequest.done().map_or_else(
+                || "n/a".into(),
+                |r| yes(rate(r) >= 2000.0 && r.rebuilt == 0),
+            ),
+        ]);
     }
 }
 
@@ -230,7 +366,7 @@ pub(super) fn verification_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
             || "stale ready environments".to_string(),
             |v| {
                 format!(
-                    "{} stale {} environments (1 build + {} linked rows)",
+                    "{} stale {} environments (1 build + {} hard-linked copies)",
                     v.one.environments,
                     v.runtime,
                     v.one.environments.saturating_sub(1)
@@ -323,6 +459,150 @@ pub(super) fn idle_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
                 || "n/a".into(),
                 |i| yes((i.peak_rss_kb * 1024) < 25_000_000),
             ),
+        ]);
+    }
+}
+
+/// Measure 7, nodes (issue 12): converge time on 1 and 3 nodes, per-node throughput, and
+/// single-node queue throughput beside `--baseline`.
+pub(super) fn nodes_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
+    let secs = |d: Duration| format!("{:.2} s", d.as_secs_f64());
+    let per_s = |envs: u64, d: Duration| envs as f64 / d.as_secs_f64().max(1e-9);
+    let one = m
+        .converge
+        .iter()
+        .find(|(n, _)| *n == 1)
+        .and_then(|(_, c)| c.done());
+    let no_goal = || "(no goal set by issue 12)".to_string();
+    for (nodes, c) in &m.converge {
+        let envs = c.done().map_or_else(|| "N".into(), |c| c.envs.to_string());
+        let (baseline, vs) = match (c.done(), one) {
+            (Some(c), Some(o)) if *nodes != 1 => (
+                format!("1 node {}", secs(o.took)),
+                ratio(c.took.as_secs_f64(), o.took.as_secs_f64()),
+            ),
+            _ => (dash(), dash()),
+        };
+        out.push([
+            "7 nodes, converge time".into(),
+            format!(
+                "{envs} environments in one request, {nodes} node{}, defaults; request commit → every parent and node row ready",
+                if *nodes == 1 { "" } else { "s" }
+            ),
+            c.text(|c| secs(c.took)),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            no_goal(),
+            dash(),
+        ]);
+    }
+    if let Some((nodes, c)) = m.converge.iter().find(|(n, _)| *n > 1) {
+        let rates = |c: &Converge| -> Vec<f64> {
+            c.per_node.iter().map(|(_, d)| per_s(c.envs, *d)).collect()
+        };
+        let (baseline, vs) = match (c.done(), one) {
+            (Some(c), Some(o)) => {
+                let one_rate = per_s(o.envs, o.took);
+                let r = rates(c);
+                let lo = r.iter().copied().fold(f64::INFINITY, f64::min);
+                let hi = r.iter().copied().fold(0.0, f64::max);
+                (
+                    format!("1 node {one_rate:.0}"),
+                    format!("{}–{}", ratio(lo, one_rate), ratio(hi, one_rate)),
+                )
+            }
+            _ => (dash(), dash()),
+        };
+        out.push([
+            "7 nodes, per-node throughput, envs/s".into(),
+            format!(
+                "{nodes} nodes at once: environments ÷ a node's time to its last ready (installed_at), each node"
+            ),
+            c.text(|c| {
+                rates(c)
+                    .iter()
+                    .map(|r| format!("{r:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(" / ")
+            }),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            no_goal(),
+            dash(),
+        ]);
+    }
+    let label = m.baseline.as_deref().map(baseline_label);
+    let rates = |v: &[Run]| {
+        let all: Vec<String> = v.iter().map(|r| format!("{:.0}", r.rows_per_s)).collect();
+        let median = median_f64(&v.iter().map(|r| r.rows_per_s).collect::<Vec<_>>());
+        format!("{} (runs {})", rows_per_s(median), all.join(", "))
+    };
+    // Medians of daemon and server CPU per row, each over the runs.
+    let cpu = |v: &[Run]| {
+        let d = median_f64(&v.iter().map(|r| r.daemon_cpu_us).collect::<Vec<_>>());
+        let s = median_f64(&v.iter().map(|r| r.server_cpu_us).collect::<Vec<_>>());
+        (d, s)
+    };
+    let show_cpu = |(d, s): (f64, f64)| format!("{d:.0} + {s:.0} = {:.0} µs", d + s);
+    for (c, v) in &m.versus {
+        let n = v.done().map_or(0, |v| v.this.len());
+        let rows = m.plan.as_ref().map_or(0, |p| p.rows);
+        let with_other = |f: &dyn Fn(&Versus, &str) -> [String; 3]| match (v.done(), &label) {
+            (Some(v), Some(label)) if !v.other.is_empty() => f(v, label),
+            _ => [dash(), dash(), "n/a".into()],
+        };
+        let [baseline, vs, met] = with_other(&|v, label| {
+            let median =
+                |runs: &[Run]| median_f64(&runs.iter().map(|r| r.rows_per_s).collect::<Vec<_>>());
+            let r = median(&v.this) / median(&v.other);
+            [
+                format!("{label}: {}", rates(&v.other)),
+                format!("{r:.2}"),
+                yes(r >= 0.9),
+            ]
+        });
+        out.push([
+            "7 nodes, single-node queue throughput, rows/s".into(),
+            format!(
+                "row 1's method: {rows} core.shell rows, concurrency {c}, 1 process; medians of {n}{}",
+                if label.is_some() { ", runs alternating with the baseline" } else { "" }
+            ),
+            v.text(|v| rates(&v.this)),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            "≥ 0.90 of baseline".into(),
+            met,
+        ]);
+        let [baseline, vs, _] = with_other(&|v, label| {
+            let (a, b) = (cpu(&v.this), cpu(&v.other));
+            [
+                format!("{label}: {}", show_cpu(b)),
+                ratio(a.0 + a.1, b.0 + b.1),
+                dash(),
+            ]
+        });
+        out.push([
+            "7 nodes, single-node CPU per row".into(),
+            format!(
+                "the same runs: daemon + server (every postgres process) CPU ÷ rows, medians; concurrency {c}"
+            ),
+            v.text(|v| show_cpu(cpu(&v.this))),
+            baseline,
+            vs,
+            dash(),
+            dash(),
+            dash(),
+            "(diagnosis: what the rate costs)".into(),
+            dash(),
         ]);
     }
 }

@@ -18,17 +18,21 @@ use crate::pg::{Cluster, Db};
 use crate::procs::{self, DaemonDirs, Event, PeerOptions, Proc};
 
 mod build;
-mod caches;
+mod environments;
 mod idle;
 mod latency;
+mod nodes;
 mod throughput;
 mod verify;
 
 pub use build::{build_overhead, BuildTimes};
-pub use caches::{cache_rebuilds, CacheTimes, Caches};
+pub use environments::{
+    environments, fleet, rerequest, EnvTimes, Environments, Fleet, Rerequest, Variant, VARIANTS,
+};
 pub use idle::{packenvd_idle, peer_idle, Idle};
 pub use latency::{packenvd_latency, peer_latency, Latencies};
-pub use throughput::{packenvd_throughput, peer_throughput, raw_throughput, PeerRate};
+pub use nodes::{converge, versus, Converge, Versus};
+pub use throughput::{packenvd_throughput, peer_throughput, raw_throughput, PeerRate, Run};
 pub use verify::{verification, Verification, VerifyRun};
 
 /// What every scenario needs.
@@ -56,6 +60,14 @@ impl Ctx {
     fn daemon_dirs(&self, tag: &str) -> anyhow::Result<DaemonDirs> {
         DaemonDirs::new(self.packenvd_exe.clone(), &self.dir(tag)?)
     }
+}
+
+/// The daemon a row runs: this build, whose schema the harness applies, or another build
+/// (`--baseline`), which migrates its database itself.
+#[derive(Debug, Clone, Copy)]
+pub enum Build<'a> {
+    This,
+    Other(&'a Path),
 }
 
 /// How long the harness waits between two looks at the queue. Small against the runs (seconds),
@@ -169,7 +181,9 @@ fn wheelhouse(dir: &Path) -> anyhow::Result<String> {
 }
 
 /// Requests `pack` with `runtime` (or resets its row when `reset`), waits for the daemon's
-/// `build finished` line and checks the row is ready; returns commit → finished.
+/// `build finished` line and checks the row is ready; returns commit → finished. A failed
+/// attempt (the row failed, or waits for a retry with an error) ends the wait with that error
+/// at once: a scenario on a host that lacks what it needs must say so, not wait out a limit.
 async fn timed_build(
     db: &Db,
     d: &mut Proc,
@@ -195,19 +209,20 @@ async fn timed_build(
             .await?
         }
     };
-    let mut seen = HashMap::new();
-    let (_, done) = match await_row(d, id, &mut seen, Duration::from_secs(120)).await {
-        Ok(t) => t,
-        Err(e) => {
-            let error: Option<String> =
-                sqlx::query_scalar("SELECT install_error FROM pack_environment WHERE id = $1")
-                    .bind(id)
-                    .fetch_one(&db.pool)
-                    .await?;
-            bail!(
-                "{pack} ({runtime}) not ready: {}; {e}",
-                error.unwrap_or_default()
-            );
+    let limit = Duration::from_secs(300);
+    let started = Instant::now();
+    let done = loop {
+        ensure!(
+            started.elapsed() < limit,
+            "{pack} ({runtime}) not ready after {limit:?}"
+        );
+        match d.try_event(Duration::from_millis(250)).await? {
+            Some(Event::Done { id: done, at }) if done == id => break at,
+            Some(_) => continue,
+            None => {}
+        }
+        if let Some(error) = failed_attempt(&db.pool, id).await? {
+            bail!("the build of {pack} ({runtime}) failed: {error}");
         }
     };
     let (status, error): (String, Option<String>) =
@@ -221,4 +236,45 @@ async fn timed_build(
         error.unwrap_or_default()
     );
     Ok((id, elapsed(committed, done)))
+}
+
+/// The error of row `id` when its last attempt failed: it is `failed`, or back in the queue
+/// with an error (waiting for a retry).
+async fn failed_attempt(pool: &PgPool, id: i64) -> anyhow::Result<Option<String>> {
+    let error: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT install_error FROM pack_environment
+         WHERE id = $1 AND (status = 'failed' OR (status IN ('pending', 'outdated') AND install_error IS NOT NULL))",
+    )
+    .bind(id)
+    .fetch_optional(pool)
+    .await?;
+    Ok(error.map(|e| e.unwrap_or_else(|| "(no error recorded)".into())))
+}
+
+/// Waits until no row is waiting or building; returns that moment (the server's clock). The
+/// first failed row ends the wait with its error.
+async fn wait_settled(pool: &PgPool, limit: Duration) -> anyhow::Result<DateTime<Utc>> {
+    let started = Instant::now();
+    loop {
+        let (at, busy, failed): (DateTime<Utc>, i64, Option<String>) = sqlx::query_as(
+            "SELECT clock_timestamp(),
+                    count(*) FILTER (WHERE status NOT IN ('ready', 'failed')),
+                    min(pack_ref || ' (' || runtime_ref || '): ' || coalesce(install_error, '?'))
+                        FILTER (WHERE status = 'failed')
+             FROM pack_environment",
+        )
+        .fetch_one(pool)
+        .await?;
+        if let Some(f) = failed {
+            bail!("a build failed: {f}");
+        }
+        if busy == 0 {
+            return Ok(at);
+        }
+        ensure!(
+            started.elapsed() < limit,
+            "{busy} row(s) still waiting or building after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

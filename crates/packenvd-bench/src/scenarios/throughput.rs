@@ -3,14 +3,14 @@
 //! raw limit) and for the peer.
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::ensure;
 use chrono::{DateTime, Utc};
 use sqlx::PgPool;
 
-use super::{elapsed, insert_packs, rate, start_peers, stop_all, wait_empty, Ctx};
-use crate::procs::{self, PeerOptions};
+use super::{elapsed, insert_packs, rate, start_peers, stop_all, wait_empty, Build, Ctx};
+use crate::procs::{self, DaemonDirs, PeerOptions};
 use crate::proxy;
 
 /// Inserts a `pending` core.shell row for every pack in one transaction; returns the server's
@@ -30,10 +30,35 @@ async fn insert_shell_rows(pool: &PgPool) -> anyhow::Result<DateTime<Utc>> {
     Ok(t0)
 }
 
-/// Each EXISTS matches one partial index, so a look costs a few index pages, not a scan.
-const PACKENVD_EMPTY: &str = "SELECT clock_timestamp(),
-    NOT EXISTS (SELECT 1 FROM pack_environment WHERE status IN ('pending', 'outdated'))
-    AND NOT EXISTS (SELECT 1 FROM pack_environment WHERE status = 'installing')";
+/// Whether the queue is empty: two lookups that each read the first entry of one of the
+/// queue's partial indexes. They ask for the index's order with LIMIT 1, so the planner takes
+/// the index whatever its statistics say (with an EXISTS, statistics that say most rows are
+/// pending make it choose a sequential scan, which reads every row once the queue is empty).
+/// The queue is the node rows since the nodes migration, whose parents lost their queue
+/// indexes; a build from before it queues on the parents.
+pub(super) const NODE_ROWS_EMPTY: &str = "SELECT clock_timestamp(),
+    (SELECT id FROM pack_environment_node WHERE status IN ('pending', 'outdated')
+     ORDER BY node, run_after, id LIMIT 1) IS NULL
+    AND (SELECT id FROM pack_environment_node WHERE status = 'installing'
+         ORDER BY node, lease_expires_at LIMIT 1) IS NULL";
+const PARENTS_EMPTY: &str = "SELECT clock_timestamp(),
+    (SELECT id FROM pack_environment WHERE status IN ('pending', 'outdated')
+     ORDER BY run_after, id LIMIT 1) IS NULL
+    AND (SELECT id FROM pack_environment WHERE status = 'installing'
+         ORDER BY lease_expires_at LIMIT 1) IS NULL";
+
+/// The empty check for the schema in `pool`'s database.
+async fn empty_check(pool: &PgPool) -> anyhow::Result<&'static str> {
+    let nodes: bool = sqlx::query_scalar("SELECT to_regclass('pack_environment_node') IS NOT NULL")
+        .fetch_one(pool)
+        .await?;
+    Ok(if nodes {
+        NODE_ROWS_EMPTY
+    } else {
+        PARENTS_EMPTY
+    })
+}
+
 const PEER_EMPTY: &str =
     "SELECT clock_timestamp(), NOT EXISTS (SELECT 1 FROM graphile_worker._private_jobs)";
 
@@ -48,11 +73,44 @@ pub async fn packenvd_throughput(
     rows: u64,
     concurrency: usize,
     processes: usize,
-) -> anyhow::Result<f64> {
-    let db = ctx.cluster.packenvd_db("tp", 2).await?;
+) -> anyhow::Result<Run> {
+    daemon_throughput(ctx, Build::This, rows, concurrency, processes).await
+}
+
+/// One throughput run: its rate, and the CPU it cost per row in the daemons and in the server
+/// (every `postgres` process: the daemon's backends, the harness's looks, autovacuum). CPU is
+/// the figure that holds on a busy machine, where the rate follows whoever else is running.
+#[derive(Debug, Clone, Copy)]
+pub struct Run {
+    pub rows_per_s: f64,
+    pub daemon_cpu_us: f64,
+    pub server_cpu_us: f64,
+}
+
+/// [`packenvd_throughput`] of `build`: another build migrates its fresh database itself.
+pub(super) async fn daemon_throughput(
+    ctx: &Ctx,
+    build: Build<'_>,
+    rows: u64,
+    concurrency: usize,
+    processes: usize,
+) -> anyhow::Result<Run> {
+    let (db, dirs) = match build {
+        Build::This => (
+            ctx.cluster.packenvd_db("tp", 2).await?,
+            ctx.daemon_dirs("tp")?,
+        ),
+        Build::Other(exe) => (
+            ctx.cluster.fresh_db("tpother", 2).await?,
+            DaemonDirs::new(exe.to_owned(), &ctx.dir("tpother")?)?,
+        ),
+    };
     let result = async {
+        if let Build::Other(_) = build {
+            procs::migrate(&dirs, &db.url).await?;
+        }
+        let empty = empty_check(&db.pool).await?;
         insert_packs(&db.pool, "tp", rows).await?;
-        let dirs = ctx.daemon_dirs("tp")?;
         let proxy = match ctx.count_statements {
             true => Some(proxy::start(&db.url, &ctx.dir("proxy")?)?),
             false => None,
@@ -72,23 +130,32 @@ pub async fn packenvd_throughput(
         }
         let before = proxy.as_ref().map(|p| p.counts.snapshot());
         let cpu0: f64 = daemons.iter().filter_map(|d| procs::cpu_seconds(d.pid()).ok()).sum();
+        let inserting = Instant::now();
         let t0 = insert_shell_rows(&db.pool).await?;
-        let t1 = wait_empty(&db.pool, PACKENVD_EMPTY, throughput_limit(rows)).await;
+        let insert = inserting.elapsed();
+        // After the insert, so the request's own cost (since nodes, a fan-out per row) stays
+        // out of the server's CPU per row; it is `insert` instead.
+        let server0 = procs::server_cpu_seconds();
+        let t1 = wait_empty(&db.pool, empty, throughput_limit(rows)).await;
+        let server1 = procs::server_cpu_seconds();
         let cpu1: f64 = daemons.iter().filter_map(|d| procs::cpu_seconds(d.pid()).ok()).sum();
+        let per_row_us = |secs: f64| secs * 1e6 / rows as f64;
+        let costs = format!(
+            "daemon CPU {:.0} µs, server CPU {:.0} µs per row; the insert took {:.0} µs per row",
+            per_row_us(cpu1 - cpu0),
+            per_row_us(server1 - server0),
+            per_row_us(insert.as_secs_f64()),
+        );
         if let (Some(p), Some(before)) = (&proxy, before) {
             let d = p.counts.snapshot() - before;
             let per_row = |n: u64| n as f64 / rows as f64;
             eprintln!(
-                "packenvd-bench: statements: concurrency {concurrency} × {processes}: {:.2} statements and {:.2} pool pings per row; daemon CPU {:.0} µs per row",
+                "packenvd-bench: statements: concurrency {concurrency} × {processes}: {:.2} statements and {:.2} pool pings per row; {costs}",
                 per_row(d.statements),
                 per_row(d.syncs.saturating_sub(d.executes)),
-                (cpu1 - cpu0) * 1e6 / rows as f64,
             );
         } else {
-            eprintln!(
-                "packenvd-bench: daemon CPU {:.0} µs per row",
-                (cpu1 - cpu0) * 1e6 / rows as f64
-            );
+            eprintln!("packenvd-bench: {costs}");
         }
         stop_all(daemons).await;
         let t1 = t1?;
@@ -100,7 +167,11 @@ pub async fn packenvd_throughput(
             ready as u64 == rows,
             "only {ready} of {rows} rows are ready"
         );
-        Ok(rate(rows, t0, t1))
+        Ok(Run {
+            rows_per_s: rate(rows, t0, t1),
+            daemon_cpu_us: per_row_us(cpu1 - cpu0),
+            server_cpu_us: per_row_us(server1 - server0),
+        })
     }
     .await;
     ctx.cluster.drop_db(db).await;
