@@ -22,7 +22,7 @@ while (($#)); do
     esac
 done
 
-cargo build --release --quiet -p packenvd -p packenvd-bench
+cargo build --release -p packenvd -p packenvd-bench
 
 if [[ -n $rev ]]; then
     short=$(git rev-parse --short "$rev^{commit}")
