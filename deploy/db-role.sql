@@ -39,6 +39,8 @@
 --                                       functions need none: triggers fire without the check,
 --                                       and the fan-out runs with the owner's rights, so the
 --                                       platform's roles need no rights on the node tables.
+--                                       request_pack_environment_verification() is the
+--                                       platform's (the client's), not the daemon's.
 --   _sqlx_migrations           SELECT   `packenvd run` checks at start-up that the schema is
 --                                       current; applying migrations is the owner's job
 -- plus CONNECT on the database and USAGE on the schema (PUBLIC's by default). Nothing else: no
@@ -135,7 +137,10 @@ REVOKE ALL ON FUNCTION
     pack_environment_recount(bigint),
     pack_environment_before_write(),
     pack_environment_fan_out(),
-    pack_environment_node_notify()
+    pack_environment_node_notify(),
+    pack_environment_fill_nulls(),
+    pack_environment_status_notify(),
+    request_pack_environment_verification(text, text)
     FROM :"role";
 
 GRANT SELECT ON pack, runtime TO :"role";

@@ -12,10 +12,12 @@ if [[ ${1:-} != --inner ]]; then
     scripts/check-prereqs.sh
     echo "==> building packenvd (the first build takes a few minutes)"
     cargo build --bin packenvd
+    cargo build -p packenv-client --example run_action
     exec scripts/with-postgres.sh "$0" --inner
 fi
 
 bin=$PWD/target/debug/packenvd
+runner=$PWD/target/debug/examples/run_action
 work=$(mktemp -d -t packenvd-demo.XXXXXXXX)
 cleanup() {
     if [[ -z ${PACKENVD_PG_DATA:-} ]]; then
@@ -49,11 +51,11 @@ echo "==> running the daemon until every environment is ready or failed"
 echo "==> status"
 "$bin" status || true
 
-echo "==> using the environments, started from the resolved build paths recorded in metadata"
-meta() { psql "$DATABASE_URL" -Atc "SELECT metadata #>> '{$3}' FROM pack_environment WHERE pack_ref = '$1' AND runtime_ref = '$2'"; }
-"$(meta demo_python core.python executables,python)" examples/packs/demo_python/actions/hello.py
-NODE_PATH=$(meta demo_node core.nodejs env_vars,NODE_PATH) "$(meta demo_node core.nodejs executables,node)" examples/packs/demo_node/actions/hello.js
-examples/packs/demo_shell/actions/hello.sh
+echo "==> using the environments as a platform's worker does (examples/run_action.rs, through"
+echo "    packenv-client): this host's resolved build, its interpreter and variables"
+"$runner" examples/packs/demo_python core.python actions/hello.py
+"$runner" examples/packs/demo_node core.nodejs actions/hello.js
+"$runner" examples/packs/demo_shell core.shell actions/hello.sh
 
 echo "==> why demo_broken failed (packenvd logs demo_broken core.python, without the full log)"
 # logs prints the install log, then the error; it exits 1 for a failed environment.

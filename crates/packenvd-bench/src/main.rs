@@ -36,7 +36,7 @@ struct Args {
     #[arg(long)]
     no_peer: bool,
     /// Only these scenarios (comma-separated: throughput, latency, build, environments, fleet,
-    /// rerequest, verify, idle, nodes; `caches` is the old name of environments).
+    /// rerequest, verify, idle, nodes, lookup; `caches` is the old name of environments).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
     /// The packenvd binary (default: next to this one, i.e. target/release/packenvd).
@@ -426,6 +426,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 ),
             ));
         }
+    }
+
+    if wanted(&args, "lookup") {
+        progress("lookups: the action runner's lookup from several tasks");
+        m.lookups = report::keep(scenarios::lookups(&ctx, args.quick).await);
     }
 
     m.took = started.elapsed();

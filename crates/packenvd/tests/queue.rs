@@ -274,6 +274,42 @@ async fn an_operator_reset_of_a_failed_row_starts_its_attempts_over(pool: PgPool
     assert_eq!(row(&pool, id).await.attempts, 0);
 }
 
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_row_with_null_metadata_or_installers_never_breaks_the_claim_of_the_others(
+    pool: PgPool,
+) {
+    let env = Env::new(&[]);
+    register_node(&pool, &env.envs_root().display().to_string()).await;
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    add_runtime(&pool, "t.null", shell_runtime("true")).await;
+    for p in ["a", "b", "c"] {
+        env.pack_dir(p, &[]);
+        add_pack(&pool, p).await;
+    }
+    let a = request(&pool, "a", "t.noop").await;
+    let b = request(&pool, "b", "t.noop").await;
+    let c = request(&pool, "c", "t.null").await;
+    // A platform's columns may allow NULL where packenvd's do not: one such row used to fail
+    // every claim's decoding ("database unreachable?"), leaving the batch installing.
+    sqlx::raw_sql(
+        "ALTER TABLE pack_environment_node ALTER COLUMN metadata DROP NOT NULL;
+         UPDATE pack_environment_node n SET metadata = NULL
+         FROM pack_environment pe WHERE pe.id = n.env_id AND pe.pack_ref = 'b';
+         ALTER TABLE runtime ALTER COLUMN installers DROP NOT NULL;
+         UPDATE runtime SET installers = NULL WHERE ref = 't.null';",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    assert_eq!(env.worker(&pool).drain().await.unwrap(), 3);
+    assert_eq!(row(&pool, a).await.status, "ready");
+    assert_eq!(row(&pool, b).await.status, "ready");
+    let r = row(&pool, c).await;
+    assert_eq!(r.status, "failed");
+    let error = r.install_error.unwrap();
+    assert!(error.contains("has no installer step"), "{error}");
+}
+
 #[sqlx::test(migrations = false)]
 async fn migrations_apply_to_a_database_that_already_has_pack_and_runtime_tables(pool: PgPool) {
     // Tables as a platform that predates packenvd might have them: no storage_path, no installers.

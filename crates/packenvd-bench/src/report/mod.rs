@@ -9,7 +9,7 @@ use comfy_table::{presets, ContentArrangement, Table};
 use crate::pg::Cluster;
 use crate::scenarios::{
     BuildTimes, Converge, Environments, Fleet, Idle, Latencies, PeerRate, Rerequest, Run, Variant,
-    Verification, Versus,
+    Verification, Versus, Lookups,
 };
 use crate::Plan;
 
@@ -88,6 +88,8 @@ pub struct Measured {
     pub versus: Vec<(usize, Cell<Versus>)>,
     /// `--baseline`: the other build's binary.
     pub baseline: Option<PathBuf>,
+    /// The action runner's lookups (issue 15).
+    pub lookups: Cell<Lookups>,
     pub took: Duration,
 }
 
@@ -268,6 +270,7 @@ pub fn rows(m: &Measured) -> Vec<[String; 10]> {
     rows::verification_rows(m, &mut out);
     rows::idle_rows(m, &mut out);
     rows::nodes_rows(m, &mut out);
+    rows::lookup_rows(m, &mut out);
     out
 }
 

@@ -606,3 +606,45 @@ pub(super) fn nodes_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
         ]);
     }
 }
+
+/// Measure 8, lookups (issue 15): the action runner's lookup per second.
+pub(super) fn lookup_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
+    if matches!(m.lookups, Cell::NotRun) {
+        return;
+    }
+    let setting = m.lookups.done().map_or_else(
+        || "packenv_client::Client::lookup".to_string(),
+        |l| {
+            format!(
+                "packenv_client::Client::lookup, {} tasks sharing a pool of {}; {} ready environments × {} nodes; p50 / p99 {} / {} ms",
+                l.tasks,
+                l.tasks,
+                l.environments,
+                l.nodes,
+                super::ms(super::percentile(&l.latencies, 0.5)),
+                super::ms(super::percentile(&l.latencies, 0.99)),
+            )
+        },
+    );
+    out.push([
+        "8 lookups before an action, per second".into(),
+        setting,
+        m.lookups.text(|l| {
+            format!(
+                "{:.0} lookups/s ({} in {:.1} s)",
+                l.per_second(),
+                l.lookups,
+                l.took.as_secs_f64()
+            )
+        }),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+        dash(),
+        "≥ 5,000/s".into(),
+        m.lookups
+            .done()
+            .map_or_else(|| "n/a".into(), |l| yes(l.per_second() >= 5000.0)),
+    ]);
+}

@@ -21,6 +21,7 @@ mod build;
 mod environments;
 mod idle;
 mod latency;
+mod lookup;
 mod nodes;
 mod throughput;
 mod verify;
@@ -31,6 +32,7 @@ pub use environments::{
 };
 pub use idle::{packenvd_idle, peer_idle, Idle};
 pub use latency::{packenvd_latency, peer_latency, Latencies};
+pub use lookup::{lookups, Lookups};
 pub use nodes::{converge, versus, Converge, Versus};
 pub use throughput::{packenvd_throughput, peer_throughput, raw_throughput, PeerRate, Run};
 pub use verify::{verification, Verification, VerifyRun};

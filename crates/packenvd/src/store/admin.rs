@@ -525,8 +525,9 @@ pub async fn remove(
 /// The versions of this binary's migrations that the database has not applied. Read-only: it
 /// needs SELECT on `_sqlx_migrations` and nothing else, so a daemon whose role may not create
 /// tables can tell "nothing to do" from "the owner must migrate". A missing table means
-/// nothing was applied. Failed, changed or unknown migrations are left to `MIGRATOR.run`,
-/// which reports them, so they count as pending here.
+/// nothing was applied. Failed or changed migrations are left to `MIGRATOR.run`, which
+/// reports them, so they count as pending here; versions that are not ours are a platform's
+/// own migrations in the same table, which `MIGRATOR` ignores.
 pub async fn unapplied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error> {
     let applied: Vec<(i64, Vec<u8>, bool)> =
         match sqlx::query_as("SELECT version, checksum, success FROM _sqlx_migrations")
@@ -543,13 +544,11 @@ pub async fn unapplied_migrations(pool: &PgPool) -> Result<Vec<i64>, sqlx::Error
         .iter()
         .filter(|m| !m.migration_type.is_down_migration())
         .collect();
-    let foreign = applied
-        .iter()
-        .any(|(v, _, ok)| !ok || !known.iter().any(|m| m.version == *v));
+    let failed = applied.iter().any(|(_, _, ok)| !ok);
     let mut pending: Vec<i64> = known
         .iter()
         .filter(|m| {
-            foreign
+            failed
                 || !applied
                     .iter()
                     .any(|(v, sum, ok)| *ok && *v == m.version && sum.as_slice() == &*m.checksum)

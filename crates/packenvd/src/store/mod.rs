@@ -47,8 +47,14 @@ pub use nodes::*;
 pub use queue::*;
 pub use verify::*;
 
-/// Migrations embedded from the workspace's `migrations/` directory.
-pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations");
+/// Migrations embedded from the workspace's `migrations/` directory. Versions in
+/// `_sqlx_migrations` that are not ours are ignored: a platform that migrates its own schema
+/// with sqlx keeps its versions in the same table (issue 15).
+pub static MIGRATOR: sqlx::migrate::Migrator = {
+    let mut m = sqlx::migrate!("../../migrations");
+    m.ignore_missing = true;
+    m
+};
 
 /// The channel the NOTIFY trigger sends on.
 pub const WAKEUP_CHANNEL: &str = "packenvd_wakeup";

@@ -20,6 +20,8 @@ use super::{Claim, EnvRow, Fence, Transition};
 /// pack's or runtime's ref, or a runtime whose directory name an older row of the same pack
 /// already has (names that differ only in case); the build then fails the row before anything
 /// runs. The parent's counts and the single-host mirror move in the same statement.
+/// `metadata` and `installers` are read as '{}' and '[]' when NULL (a platform's columns may
+/// allow it): one such row must build or fail alone, never fail the decoding of the batch.
 pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH b AS MATERIALIZED (
@@ -56,7 +58,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
              RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status, c.old_required,
                  pe.pack_ref, pe.runtime_ref, r.name AS runtime_name, n.env_path, p.storage_path,
                  (to_jsonb(p) -> 'runtime_dependencies')::text AS pack_dependencies,
-                 r.installers::text AS installers, n.fingerprint, n.metadata::text AS metadata,
+                 coalesce(r.installers, '[]')::text AS installers, n.fingerprint, coalesce(n.metadata, '{}')::text AS metadata,
                  n.claim_token, n.claimed_by, n.lease_expires_at, n.attempts, n.skip_if_current,
                  c.answer,
                  CASE WHEN n.skip_if_current THEN n.install_log END AS previous_log,
