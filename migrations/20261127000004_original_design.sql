@@ -8,6 +8,9 @@
 -- status, so each of those is relaxed or filled here; on packenvd's own tables each statement
 -- finds nothing to change.
 
+-- env_path first: the fill below turns the original's '' into NULL.
+ALTER TABLE pack_environment ALTER COLUMN env_path DROP NOT NULL;
+
 -- Filling in what the original left empty is not a change the platform made: no trigger may
 -- take it for a request (a new generation, a fan-out) or move `updated`. Only the triggers
 -- enabled now are switched off and on again, so one a DBA disabled stays disabled.
@@ -36,7 +39,6 @@ BEGIN
 END $$;
 
 ALTER TABLE pack_environment
-    ALTER COLUMN env_path DROP NOT NULL,
     ALTER COLUMN metadata SET DEFAULT '{}',
     ALTER COLUMN metadata SET NOT NULL,
     ALTER COLUMN status SET DEFAULT 'pending',

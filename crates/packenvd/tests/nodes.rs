@@ -551,13 +551,20 @@ async fn a_node_whose_envs_root_was_wiped_rebuilds_its_environments_at_start(poo
 /// migration and the first node's start take them over as they are; nothing is rebuilt there.
 #[sqlx::test(migrations = false)]
 async fn an_upgrade_from_a_single_host_rebuilds_nothing_and_a_second_node_catches_up(pool: PgPool) {
-    // The schema of the single-host release: its migration only.
+    // The schema of the single-host release: its migration only. Named, not the oldest file:
+    // 20261127000000_platform_schemas.sql came later and sorts first, so this upgrade also
+    // applies it after a newer one, as deployed databases get it.
     let old = tempfile::tempdir().unwrap();
     let first = std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../../migrations"))
         .unwrap()
         .flatten()
         .map(|e| e.path())
-        .min()
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("20261127000001_")
+        })
         .unwrap();
     std::fs::copy(&first, old.path().join(first.file_name().unwrap())).unwrap();
     sqlx::migrate::Migrator::new(old.path())

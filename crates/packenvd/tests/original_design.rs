@@ -15,7 +15,10 @@ async fn original_schema(pool: &PgPool, root: &Path) {
     let sql = std::fs::read_to_string(fixtures().join("original_schema.sql"))
         .expect("tests/fixtures/original_schema.sql")
         .replace(":base", &root.display().to_string());
-    sqlx::raw_sql(&sql).execute(pool).await.expect("original schema");
+    sqlx::raw_sql(&sql)
+        .execute(pool)
+        .await
+        .expect("original schema");
 }
 
 /// A test's envs root at the original design's place, `<tmp>/opt/attune/packenvs`, and the
@@ -74,7 +77,10 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
     .unwrap();
 
     let wheels = env.dir.path().join("wheels");
-    env.pack_dir("monitoring", &[("requirements.txt", &wheel_requirements(&wheels))]);
+    env.pack_dir(
+        "monitoring",
+        &[("requirements.txt", &wheel_requirements(&wheels))],
+    );
     env.pack_dir("tools", &[]);
     env.pack_dir("elsewhere", &[]);
     env.pack_dir("legacy", &[]);
@@ -119,7 +125,12 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
     let before = kept(&pool).await;
     let monitoring_path = format!("{}/monitoring/python", root.display());
     assert_eq!(
-        before.iter().find(|k| k.pack_ref == "monitoring").unwrap().env_path.as_deref(),
+        before
+            .iter()
+            .find(|k| k.pack_ref == "monitoring")
+            .unwrap()
+            .env_path
+            .as_deref(),
         Some(monitoring_path.as_str())
     );
     // The original's environment on disk, in the root the operator marked as packenvd's.
@@ -136,21 +147,28 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
     assert_eq!(after.len(), before.len());
     for (a, b) in after.iter().zip(&before) {
         let path = b.env_path.clone().filter(|p| !p.is_empty());
-        assert_eq!((a.pack_ref.as_str(), &a.status, &a.env_path, &a.install_error),
-                   (b.pack_ref.as_str(), &b.status, &path, &b.install_error));
+        assert_eq!(
+            (
+                a.pack_ref.as_str(),
+                &a.status,
+                &a.env_path,
+                &a.install_error
+            ),
+            (b.pack_ref.as_str(), &b.status, &path, &b.install_error)
+        );
     }
-    let nulls: i64 = sqlx::query_scalar("SELECT count(*) FROM pack_environment WHERE metadata IS NULL")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let nulls: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pack_environment WHERE metadata IS NULL")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(nulls, 0);
     // The platform's own migrations are still recorded beside packenvd's.
-    let platform: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM _sqlx_migrations WHERE version < 20261127000000",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let platform: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE version < 20261127000000")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(platform, 4);
     // The original functions answer as they did.
     let (path, requires): (String, bool) = sqlx::query_as(
@@ -185,23 +203,37 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((name.as_str(), runtime_name.as_str(), may_read), ("Monitoring", "Python", true));
+    assert_eq!(
+        (name.as_str(), runtime_name.as_str(), may_read),
+        ("Monitoring", "Python", true)
+    );
 
     env.worker(&pool).drain().await.unwrap();
 
     // The row under this node's root (the original's) built where the platform said.
-    let id: i64 = sqlx::query_scalar("SELECT id FROM pack_environment WHERE pack_ref = 'monitoring'")
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let id: i64 =
+        sqlx::query_scalar("SELECT id FROM pack_environment WHERE pack_ref = 'monitoring'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     let r = row(&pool, id).await;
-    assert_eq!(r.status, "ready", "{:?}\n{:?}", r.install_error, r.install_log);
+    assert_eq!(
+        r.status, "ready",
+        "{:?}\n{:?}",
+        r.install_error, r.install_log
+    );
     assert_eq!(r.env_path.as_deref(), Some(monitoring_path.as_str()));
     let build = r.metadata["build_dir"].as_str().unwrap();
-    assert!(build.starts_with(&format!("{}/monitoring/.python-", root.display())), "{build}");
+    assert!(
+        build.starts_with(&format!("{}/monitoring/.python-", root.display())),
+        "{build}"
+    );
     let python = r.metadata["executables"]["python"].as_str().unwrap();
     assert_eq!(
-        common::python(python, "import packenvd_fixture; print(packenvd_fixture.VERSION)"),
+        common::python(
+            python,
+            "import packenvd_fixture; print(packenvd_fixture.VERSION)"
+        ),
         "0.1.0"
     );
     // The one outside it failed, saying so, and nothing was written there.
@@ -210,14 +242,22 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
     assert_eq!(elsewhere.status, "failed");
     let error = elsewhere.install_error.as_deref().unwrap();
     assert!(
-        error.contains("/opt/attune/packenvs/elsewhere/python") && error.contains("outside the envs root"),
+        error.contains("/opt/attune/packenvs/elsewhere/python")
+            && error.contains("outside the envs root"),
         "{error}"
     );
     // The recorded failure and the shell environment are as they were.
     let broken = rows.iter().find(|k| k.pack_ref == "broken").unwrap();
     assert_eq!(broken.status, "failed");
-    assert!(broken.install_error.as_deref().unwrap().starts_with("Installer 'install_requirements'"));
-    assert_eq!(rows.iter().find(|k| k.pack_ref == "tools").unwrap().status, "ready");
+    assert!(broken
+        .install_error
+        .as_deref()
+        .unwrap()
+        .starts_with("Installer 'install_requirements'"));
+    assert_eq!(
+        rows.iter().find(|k| k.pack_ref == "tools").unwrap().status,
+        "ready"
+    );
     // The view, both ways.
     assert_eq!(
         health(&pool, "monitoring").await,
@@ -234,8 +274,14 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
     let client = packenv_client::Client::new(pool.clone());
     let served = client.lookup("legacy", "core.python").await.unwrap();
     assert_eq!(served.build_dir.as_deref(), Some(legacy_dir.as_path()));
-    assert_eq!(served.executable("python").unwrap(), legacy_dir.join("bin/python"));
-    assert_eq!(served.env_vars["VIRTUAL_ENV"], legacy_dir.display().to_string());
+    assert_eq!(
+        served.executable("python").unwrap(),
+        legacy_dir.join("bin/python")
+    );
+    assert_eq!(
+        served.env_vars["VIRTUAL_ENV"],
+        legacy_dir.display().to_string()
+    );
     sqlx::query("UPDATE pack_environment_node SET last_verified = now() - interval '8 days'")
         .execute(&pool)
         .await
@@ -246,15 +292,30 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
     let legacy = found.iter().find(|f| f.pack_ref == "legacy").unwrap();
     assert!(legacy.failure.is_some(), "{found:?}");
     assert_eq!(
-        client.lookup("legacy", "core.python").await.unwrap().build_dir.as_deref(),
+        client
+            .lookup("legacy", "core.python")
+            .await
+            .unwrap()
+            .build_dir
+            .as_deref(),
         Some(legacy_dir.as_path()),
         "served while outdated"
     );
     env.worker(&pool).drain().await.unwrap();
     let rebuilt = client.lookup("legacy", "core.python").await.unwrap();
     let build = rebuilt.build_dir.clone().unwrap();
-    assert!(build.starts_with(root.join("legacy/.python-")), "{build:?}");
-    assert_eq!(rebuilt.executable("python").unwrap(), build.join("bin/python"));
+    // Path::starts_with compares whole components: the build's name is compared as text.
+    assert!(
+        build
+            .display()
+            .to_string()
+            .starts_with(&format!("{}/legacy/.python-", root.display())),
+        "{build:?}"
+    );
+    assert_eq!(
+        rebuilt.executable("python").unwrap(),
+        build.join("bin/python")
+    );
 
     // The original manager's writes keep working: its upsert names an env_path and leaves
     // out metadata; a writer that sends metadata NULL explicitly is taken as '{}'.
@@ -286,7 +347,10 @@ async fn a_database_of_the_original_design_migrates_keeps_every_row_and_builds_t
 /// The host's python3 itself (a pyenv shim resolved), as a venv's `bin/python` links it.
 fn host_python3() -> PathBuf {
     let out = std::process::Command::new("python3")
-        .args(["-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+        .args([
+            "-c",
+            "import os, sys; print(os.path.realpath(sys.executable))",
+        ])
         .current_dir("/")
         .output()
         .unwrap();
@@ -340,7 +404,11 @@ async fn the_documented_table_already_migrated_by_an_earlier_packenvd_converges(
     .await
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
-    deployed_migrations(dir.path()).await.run(&pool).await.unwrap();
+    deployed_migrations(dir.path())
+        .await
+        .run(&pool)
+        .await
+        .unwrap();
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;
     sqlx::query(
         "INSERT INTO pack_environment (pack, pack_ref, runtime, runtime_ref, env_path, status, metadata)
@@ -364,15 +432,17 @@ async fn the_documented_table_already_migrated_by_an_earlier_packenvd_converges(
     env.pack_dir("old", &[]);
     env.pack_dir("new", &[]);
     assert_eq!(env.worker(&pool).drain().await.unwrap(), 2);
-    let statuses: Vec<(String, String)> = sqlx::query_as(
-        "SELECT pack_ref, status::text FROM pack_environment ORDER BY pack_ref",
-    )
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let statuses: Vec<(String, String)> =
+        sqlx::query_as("SELECT pack_ref, status::text FROM pack_environment ORDER BY pack_ref")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     assert_eq!(
         statuses,
-        [("new".to_string(), "ready".to_string()), ("old".into(), "ready".into())]
+        [
+            ("new".to_string(), "ready".to_string()),
+            ("old".into(), "ready".into())
+        ]
     );
     assert_eq!(
         row(&pool, new).await.env_path,

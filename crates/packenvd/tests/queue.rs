@@ -275,9 +275,7 @@ async fn an_operator_reset_of_a_failed_row_starts_its_attempts_over(pool: PgPool
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
-async fn a_row_with_null_metadata_or_installers_never_breaks_the_claim_of_the_others(
-    pool: PgPool,
-) {
+async fn a_row_with_null_metadata_or_installers_never_breaks_the_claim_of_the_others(pool: PgPool) {
     let env = Env::new(&[]);
     register_node(&pool, &env.envs_root().display().to_string()).await;
     add_runtime(&pool, "t.noop", shell_runtime("true")).await;

@@ -393,9 +393,10 @@ pub async fn nodes(pool: &PgPool) -> Result<Vec<NodeRow>, sqlx::Error> {
 }
 
 /// Every runtime's ref and installers JSON (text: a spec that does not parse is that
-/// runtime's problem), for a node's detection of what it can build.
+/// runtime's problem; NULL, which a platform's column may hold, reads as no steps), for a
+/// node's detection of what it can build.
 pub async fn runtimes(pool: &PgPool) -> Result<Vec<(String, String)>, sqlx::Error> {
-    sqlx::query_as("SELECT ref, installers::text FROM runtime ORDER BY ref")
+    sqlx::query_as("SELECT ref, coalesce(installers, '[]')::text FROM runtime ORDER BY ref")
         .fetch_all(pool)
         .await
 }
