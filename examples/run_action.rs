@@ -41,7 +41,9 @@ fn parse_args() -> Result<Args, String> {
         match a.as_str() {
             "--timeout" if rest.is_empty() => {
                 let v = args.next().ok_or("--timeout needs a number of seconds")?;
-                let secs: u64 = v.parse().map_err(|_| format!("--timeout {v}: not a number of seconds"))?;
+                let secs: u64 = v
+                    .parse()
+                    .map_err(|_| format!("--timeout {v}: not a number of seconds"))?;
                 timeout = Duration::from_secs(secs);
             }
             "--node" if rest.is_empty() => node = Some(args.next().ok_or("--node needs a name")?),
@@ -154,8 +156,8 @@ async fn run(args: Args) -> Result<ExitCode, String> {
     })
 }
 
-/// The action as a process of the environment: its interpreter by the action's kind, the
-/// environment's variables, and for a venv its `bin` first on PATH, as activating it would.
+/// The action as a process of the environment: its interpreter by the action's kind, and the
+/// environment's variables with its executables' directories first on PATH.
 fn command(env: &Resolved, action: &Path) -> Result<std::process::Command, String> {
     let interpreter = match action.extension().and_then(|e| e.to_str()) {
         Some("py") => Some("python"),
@@ -171,14 +173,6 @@ fn command(env: &Resolved, action: &Path) -> Result<std::process::Command, Strin
         }
         None => std::process::Command::new(action),
     };
-    cmd.envs(&env.env_vars);
-    if let Some(venv) = env.env_vars.get("VIRTUAL_ENV") {
-        let path = std::env::var_os("PATH").unwrap_or_default();
-        let mut dirs = vec![Path::new(venv).join("bin")];
-        dirs.extend(std::env::split_paths(&path));
-        if let Ok(joined) = std::env::join_paths(dirs) {
-            cmd.env("PATH", joined);
-        }
-    }
+    env.apply(&mut cmd);
     Ok(cmd)
 }

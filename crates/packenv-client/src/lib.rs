@@ -28,11 +28,10 @@
 //! client.ensure("web", "core.python", Duration::from_secs(600)).await?;
 //! // Before every action: one indexed query.
 //! let env = client.lookup("web", "core.python").await?;
-//! let status = std::process::Command::new(env.executable("python")?)
-//!     .arg("actions/fetch.py")
-//!     .envs(&env.env_vars) // VIRTUAL_ENV
-//!     .status()
-//!     .expect("python runs");
+//! let mut cmd = std::process::Command::new(env.executable("python")?);
+//! // VIRTUAL_ENV, and the venv's bin first on PATH.
+//! env.apply(&mut cmd).arg("actions/fetch.py");
+//! let status = cmd.status().expect("python runs");
 //! # let _ = status;
 //! # Ok(())
 //! # }
@@ -91,10 +90,7 @@ impl Client {
     /// Connects to `url` with a small pool of its own (4 connections; a waiting
     /// [`ensure`](Client::ensure) holds one), for the node named like this host.
     pub async fn connect(url: &str) -> Result<Client, Error> {
-        let pool = PgPoolOptions::new()
-            .max_connections(4)
-            .connect(url)
-            .await?;
+        let pool = PgPoolOptions::new().max_connections(4).connect(url).await?;
         Ok(Client::new(pool))
     }
 
@@ -244,9 +240,8 @@ impl Client {
         });
         let build_dir = match &legacy {
             // Not a link to a build: the original design's environment, a real directory.
-            Some(l) => Some(PathBuf::from(&l.dir)).filter(|d| {
-                std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir())
-            }),
+            Some(l) => Some(PathBuf::from(&l.dir))
+                .filter(|d| std::fs::symlink_metadata(d).is_ok_and(|m| m.file_type().is_dir())),
             None => row.build_dir.map(PathBuf::from),
         };
         let serves = match status {

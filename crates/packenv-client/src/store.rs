@@ -51,7 +51,8 @@ pub(crate) async fn lookup(
 
 /// [`lookup`]'s statement (`$1` pack ref, `$2` runtime ref, `$3` node), public for the tests
 /// and the benchmark that check its plan.
-pub const LOOKUP_SQL: &str = "SELECT p.id IS NOT NULL AS pack_found, r.id IS NOT NULL AS runtime_found,
+pub const LOOKUP_SQL: &str =
+    "SELECT p.id IS NOT NULL AS pack_found, r.id IS NOT NULL AS runtime_found,
                 pe.status::text AS env_status, pe.install_error AS env_error,
                 n.status::text AS status, n.metadata ->> 'build_dir' AS build_dir,
                 coalesce(n.metadata -> 'executables', '{}') AS executables,

@@ -2,7 +2,9 @@
 //! environment resolved for one host.
 
 use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Deserializer};
@@ -168,5 +170,127 @@ impl Resolved {
                 name: name.to_owned(),
                 available: self.executables.keys().cloned().collect(),
             })
+    }
+
+    /// The directories to put first on `PATH` for a process of the pack, as activating the
+    /// environment would: each directory of the build that holds one of its executables (a
+    /// venv's `bin`), then `node_modules/.bin` of each `NODE_PATH` entry that has one. A
+    /// script that calls `pip` or a package's command then finds the environment's own.
+    pub fn path_prefix(&self) -> Vec<PathBuf> {
+        let mut dirs: Vec<PathBuf> = Vec::new();
+        let mut add = |d: PathBuf| {
+            if !dirs.contains(&d) {
+                dirs.push(d);
+            }
+        };
+        if let Some(build) = &self.build_dir {
+            for exe in self.executables.values() {
+                if let Some(dir) = exe.parent().filter(|d| d.starts_with(build)) {
+                    add(dir.to_path_buf());
+                }
+            }
+        }
+        if let Some(node_path) = self.env_vars.get("NODE_PATH") {
+            for entry in std::env::split_paths(node_path) {
+                let bin = entry.join(".bin");
+                if bin.is_dir() {
+                    add(bin);
+                }
+            }
+        }
+        dirs
+    }
+
+    /// Every variable a process of the pack needs: [`env_vars`](Resolved::env_vars)
+    /// (`VIRTUAL_ENV`, `NODE_PATH`, ...) and `PATH`, the [`path_prefix`](Resolved::path_prefix)
+    /// before `inherited_path` (the runner's own `PATH`, usually). `PATH` is left out when
+    /// there is nothing to put first.
+    pub fn process_env(&self, inherited_path: Option<&OsStr>) -> BTreeMap<String, OsString> {
+        let mut vars: BTreeMap<String, OsString> = self
+            .env_vars
+            .iter()
+            .map(|(k, v)| (k.clone(), OsString::from(v)))
+            .collect();
+        let prefix = self.path_prefix();
+        if !prefix.is_empty() {
+            let inherited = inherited_path.map(std::env::split_paths);
+            let all = prefix.into_iter().chain(inherited.into_iter().flatten());
+            // join_paths refuses only a directory with ':' in its name; such a PATH could
+            // not name it anyway, so the variables go without it.
+            if let Ok(path) = std::env::join_paths(all) {
+                vars.insert("PATH".into(), path);
+            }
+        }
+        vars
+    }
+
+    /// Sets [`process_env`](Resolved::process_env) on `cmd`, prefixing this process's `PATH`.
+    ///
+    /// ```no_run
+    /// # async fn run(client: &packenv_client::Client) -> Result<(), Box<dyn std::error::Error>> {
+    /// let env = client.lookup("web", "core.python").await?;
+    /// let mut cmd = std::process::Command::new(env.executable("python")?);
+    /// env.apply(&mut cmd).arg("actions/fetch.py");
+    /// let output = cmd.output()?;
+    /// # let _ = output;
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn apply<'c>(&self, cmd: &'c mut Command) -> &'c mut Command {
+        cmd.envs(self.process_env(std::env::var_os("PATH").as_deref()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolved(build: &Path) -> Resolved {
+        Resolved {
+            node: "n".into(),
+            status: Status::Ready,
+            build_dir: Some(build.to_path_buf()),
+            executables: BTreeMap::from([
+                ("python".into(), build.join("bin/python")),
+                ("pip".into(), build.join("bin/pip")),
+                // A host command (a runtime whose template is plain `node`): not the build's.
+                ("node".into(), PathBuf::from("/usr/bin/node")),
+            ]),
+            env_vars: BTreeMap::from([(
+                "NODE_PATH".into(),
+                build.join("node_modules").display().to_string(),
+            )]),
+        }
+    }
+
+    #[test]
+    fn path_puts_the_builds_executable_dirs_and_node_bins_first_and_keeps_the_inherited() {
+        let dir = std::env::temp_dir().join(format!("packenv-client-path-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("node_modules/.bin")).unwrap();
+        let env = resolved(&dir);
+        assert_eq!(
+            env.path_prefix(),
+            [dir.join("bin"), dir.join("node_modules/.bin")]
+        );
+        let vars = env.process_env(Some(OsStr::new("/usr/bin:/bin")));
+        let expected = format!("{0}/bin:{0}/node_modules/.bin:/usr/bin:/bin", dir.display());
+        assert_eq!(vars["PATH"], OsString::from(expected));
+        assert_eq!(vars["NODE_PATH"], dir.join("node_modules").into_os_string());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn an_environment_without_its_own_executables_leaves_path_alone() {
+        let env = Resolved {
+            node: "n".into(),
+            status: Status::Ready,
+            build_dir: None,
+            executables: BTreeMap::new(),
+            env_vars: BTreeMap::new(),
+        };
+        assert!(env.path_prefix().is_empty());
+        assert!(!env
+            .process_env(Some(OsStr::new("/bin")))
+            .contains_key("PATH"));
     }
 }

@@ -68,22 +68,44 @@ async fn request_get_list_and_remove_answer_from_the_database_and_name_what_is_m
     env.pack_dir("p", &[]);
     let client = Client::new(pool.clone());
 
-    assert!(matches!(client.request("nope", "t.tool").await, Err(Error::NoSuchPack(p)) if p == "nope"));
-    assert!(matches!(client.request("p", "t.nope").await, Err(Error::NoSuchRuntime(r)) if r == "t.nope"));
-    assert!(matches!(client.get("p", "t.tool").await, Err(Error::NoSuchEnvironment { .. })));
-    assert!(matches!(client.get("nope", "t.tool").await, Err(Error::NoSuchPack(_))));
-    assert!(matches!(client.lookup("p", "t.tool").await, Err(Error::NoSuchEnvironment { .. })));
-    assert!(matches!(client.lookup("p", "t.nope").await, Err(Error::NoSuchRuntime(_))));
+    assert!(
+        matches!(client.request("nope", "t.tool").await, Err(Error::NoSuchPack(p)) if p == "nope")
+    );
+    assert!(
+        matches!(client.request("p", "t.nope").await, Err(Error::NoSuchRuntime(r)) if r == "t.nope")
+    );
+    assert!(matches!(
+        client.get("p", "t.tool").await,
+        Err(Error::NoSuchEnvironment { .. })
+    ));
+    assert!(matches!(
+        client.get("nope", "t.tool").await,
+        Err(Error::NoSuchPack(_))
+    ));
+    assert!(matches!(
+        client.lookup("p", "t.tool").await,
+        Err(Error::NoSuchEnvironment { .. })
+    ));
+    assert!(matches!(
+        client.lookup("p", "t.nope").await,
+        Err(Error::NoSuchRuntime(_))
+    ));
 
     let asked = client.request("p", "t.tool").await.unwrap();
     assert_eq!((asked.status, asked.nodes.len()), (Status::Pending, 0));
     // No packenvd has registered this host yet.
     let e = client.lookup("p", "t.tool").await.unwrap_err();
-    assert!(matches!(&e, Error::NotOnNode { node } if node == client.node()), "{e}");
+    assert!(
+        matches!(&e, Error::NotOnNode { node } if node == client.node()),
+        "{e}"
+    );
 
     env.worker(&pool).drain().await.unwrap();
     let got = client.get("p", "t.tool").await.unwrap();
-    assert_eq!((got.id, got.status, got.install_error.as_deref()), (asked.id, Status::Ready, None));
+    assert_eq!(
+        (got.id, got.status, got.install_error.as_deref()),
+        (asked.id, Status::Ready, None)
+    );
     let mine = got.node(client.node()).expect("this host's copy");
     assert_eq!(mine.status, Status::Ready);
     let build = mine.build_dir.clone().expect("a build");
@@ -101,7 +123,10 @@ async fn request_get_list_and_remove_answer_from_the_database_and_name_what_is_m
     assert_eq!(refs(client.list(None).await.unwrap()), ["p", "q"]);
 
     assert!(client.remove("p", "t.tool").await.unwrap());
-    assert!(matches!(client.get("p", "t.tool").await, Err(Error::NoSuchEnvironment { .. })));
+    assert!(matches!(
+        client.get("p", "t.tool").await,
+        Err(Error::NoSuchEnvironment { .. })
+    ));
     assert!(!client.remove("p", "t.tool").await.unwrap());
 }
 
@@ -123,10 +148,16 @@ async fn lookup_gives_the_resolved_build_never_the_link_and_keeps_it_while_a_reb
     assert_eq!(tool, build.join("bin/tool"));
     let out = std::process::Command::new(&tool).output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "tool");
-    assert_eq!(client.env_vars("p", "t.tool").await.unwrap(), resolved.env_vars);
+    assert_eq!(
+        client.env_vars("p", "t.tool").await.unwrap(),
+        resolved.env_vars
+    );
     match client.executable("p", "t.tool", "python").await {
         Err(Error::NoSuchExecutable { name, available }) => {
-            assert_eq!((name.as_str(), available), ("python", vec!["tool".to_string()]))
+            assert_eq!(
+                (name.as_str(), available),
+                ("python", vec!["tool".to_string()])
+            )
         }
         other => panic!("{other:?}"),
     }
@@ -138,7 +169,10 @@ async fn lookup_gives_the_resolved_build_never_the_link_and_keeps_it_while_a_reb
         .await
         .unwrap();
     let waiting = client.lookup("p", "t.tool").await.unwrap();
-    assert_eq!((waiting.status, waiting.build_dir), (Status::Pending, Some(build.clone())));
+    assert_eq!(
+        (waiting.status, waiting.build_dir),
+        (Status::Pending, Some(build.clone()))
+    );
     env.worker(&pool).drain().await.unwrap();
     let rebuilt = client.lookup("p", "t.tool").await.unwrap();
     assert_eq!(rebuilt.status, Status::Ready);
@@ -154,7 +188,10 @@ async fn ensure_requests_and_returns_once_the_daemon_built_it_woken_by_the_statu
     add_pack(&pool, "p").await;
     env.pack_dir("p", &[]);
     let mut listener = PgListener::connect_with(&pool).await.unwrap();
-    listener.listen(packenv_client::STATUS_CHANNEL).await.unwrap();
+    listener
+        .listen(packenv_client::STATUS_CHANNEL)
+        .await
+        .unwrap();
     let daemon = Running::start(&env, &pool);
     let client = Client::new(pool.clone());
 
@@ -213,7 +250,10 @@ async fn ensure_on_a_failing_pack_returns_the_cause(pool: PgPool) {
     );
     assert!(e.to_string().starts_with("failed: "), "{e}");
     // The runner's lookup says the same.
-    assert!(matches!(client.lookup("p", "t.fail").await, Err(Error::Failed { .. })));
+    assert!(matches!(
+        client.lookup("p", "t.fail").await,
+        Err(Error::Failed { .. })
+    ));
     daemon.stop().await;
 }
 
@@ -317,7 +357,14 @@ fn run_action_binary() -> PathBuf {
     let target_dir = profile_dir.parent().unwrap();
     let mut cargo = std::process::Command::new(env!("CARGO"));
     cargo
-        .args(["build", "--quiet", "-p", "packenv-client", "--example", "run_action"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "packenv-client",
+            "--example",
+            "run_action",
+        ])
         .arg("--target-dir")
         .arg(target_dir)
         .current_dir(env!("CARGO_MANIFEST_DIR"));
@@ -345,7 +392,8 @@ async fn the_example_runner_registers_a_pack_and_runs_its_action_with_the_packs_
         "import os, sys, packenvd_fixture\n\
          print('fixture', packenvd_fixture.VERSION)\n\
          print('prefix', sys.prefix)\n\
-         print('virtual_env', os.environ.get('VIRTUAL_ENV'))\n",
+         print('virtual_env', os.environ.get('VIRTUAL_ENV'))\n\
+         print('path0', os.environ['PATH'].split(':')[0])\n",
     )
     .unwrap();
     let runner = run_action_binary();
@@ -382,7 +430,60 @@ async fn the_example_runner_registers_a_pack_and_runs_its_action_with_the_packs_
     // build's variables.
     assert!(stdout.contains("fixture 0.1.0"), "{stdout}");
     assert!(stdout.contains(&format!("prefix {build}\n")), "{stdout}");
-    assert!(stdout.contains(&format!("virtual_env {build}\n")), "{stdout}");
-    assert!(stderr.contains("==> running actions/show.py on node"), "{stderr}");
+    assert!(
+        stdout.contains(&format!("virtual_env {build}\n")),
+        "{stdout}"
+    );
+    // The venv's bin first on PATH, as activating it would.
+    assert!(stdout.contains(&format!("path0 {build}/bin\n")), "{stdout}");
+    assert!(
+        stderr.contains("==> running actions/show.py on node"),
+        "{stderr}"
+    );
     daemon.stop().await;
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn the_runners_lookup_reads_indexes_only_on_the_tables_that_grow(pool: PgPool) {
+    // 3,000 ready environments on three nodes: enough rows that a scan would cost more than
+    // the index probes, as on a platform's database.
+    sqlx::raw_sql(
+        "INSERT INTO pack (ref, label) SELECT 'lk' || i, '' FROM generate_series(1, 3000) i;
+         INSERT INTO pack_environment (pack, runtime, status, env_path)
+         SELECT p.id, r.id, 'ready', '/envs/' || p.ref || '/python'
+         FROM pack p, runtime r WHERE r.ref = 'core.python';
+         INSERT INTO packenvd_node (name, envs_root)
+         SELECT 'n' || i, '/envs' FROM generate_series(1, 3) i;
+         INSERT INTO pack_environment_node (env_id, node, status, env_path, metadata)
+         SELECT pe.id, nd.name, 'ready', pe.env_path,
+                jsonb_build_object('build_dir', pe.env_path || '-' || nd.name)
+         FROM pack_environment pe, packenvd_node nd;
+         ANALYZE;",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN {}", packenv_client::LOOKUP_SQL))
+        .bind("lk1234")
+        .bind("core.python")
+        .bind("n2")
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    let plan = plan.join("\n");
+    for table in ["pack", "pack_environment", "pack_environment_node"] {
+        assert!(
+            !plan.contains(&format!("Seq Scan on {table} ")),
+            "{table} is scanned:\n{plan}"
+        );
+    }
+    let found = Client::new(pool.clone())
+        .with_node("n2")
+        .lookup("lk1234", "core.python")
+        .await
+        .unwrap();
+    assert_eq!(
+        found.build_dir,
+        Some(PathBuf::from("/envs/lk1234/python-n2"))
+    );
 }
