@@ -487,3 +487,94 @@ async fn the_runners_lookup_reads_indexes_only_on_the_tables_that_grow(pool: PgP
         Some(PathBuf::from("/envs/lk1234/python-n2"))
     );
 }
+
+/// deploy/client-role.sql as psql runs it with `-v role=<role>`: its meta-commands dropped,
+/// its variables substituted.
+fn client_role_sql(role: &str) -> String {
+    let sql: String = include_str!("../../../deploy/client-role.sql")
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(sql.contains(":\"role\"") && sql.contains(":'role'"));
+    sql.replace(":\"role\"", &format!("\"{role}\""))
+        .replace(":'role'", &format!("'{role}'"))
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn the_client_role_of_deploy_does_every_operation_and_nothing_more(pool: PgPool) {
+    let env = Env::new(&[("max_attempts", "1")]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    add_runtime(&pool, "t.fail", shell_runtime("exit 3")).await;
+    add_pack(&pool, "p").await;
+    env.pack_dir("p", &[]);
+    // Roles are cluster-wide and each test has its own database: a role named after it.
+    let db = pool.connect_options().get_database().unwrap().to_owned();
+    let role = format!("client_{}", db.trim_start_matches("_sqlx_test_")).to_lowercase();
+    let password = format!("pw{}", std::process::id());
+    sqlx::raw_sql(&client_role_sql(&role))
+        .execute(&pool)
+        .await
+        .expect("applying deploy/client-role.sql");
+    sqlx::query(&format!("ALTER ROLE \"{role}\" PASSWORD '{password}'"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let mut url: sqlx::postgres::PgConnectOptions = database_url(&pool).parse().unwrap();
+    url = url.username(&role).password(&password);
+    let as_role = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(4)
+        .connect_with(url)
+        .await
+        .expect("connect as the client role");
+
+    let outcome = async {
+        let client = Client::new(as_role.clone());
+        let daemon = Running::start(&env, &pool);
+        let ready = client
+            .ensure("p", "t.tool", Duration::from_secs(60))
+            .await
+            .expect("ensure");
+        let failed = client.ensure("p", "t.fail", Duration::from_secs(60)).await;
+        daemon.stop().await;
+        assert!(matches!(failed, Err(Error::Failed { .. })), "{failed:?}");
+        assert_eq!(client.get("p", "t.tool").await.unwrap().id, ready.id);
+        assert_eq!(client.list(Some("p")).await.unwrap().len(), 2);
+        let tool = client.executable("p", "t.tool", "tool").await.unwrap();
+        assert!(tool.starts_with(env.envs_root()), "{tool:?}");
+        assert!(client
+            .env_vars("p", "t.tool")
+            .await
+            .unwrap()
+            .contains_key("TOOL_HOME"));
+        assert_eq!(client.request("p", "t.tool").await.unwrap().id, ready.id);
+        assert_eq!(client.request_verification("p", "t.fail").await.unwrap(), 0);
+        assert!(client.remove("p", "t.fail").await.unwrap());
+        let status: String = sqlx::query_scalar(
+            "SELECT health_status FROM v_pack_environment_status WHERE runtime_ref = 't.tool'",
+        )
+        .fetch_one(&as_role)
+        .await
+        .unwrap();
+        assert_eq!(status, "provisioning");
+        // Grants only what the client needs: the node rows are the daemon's to write.
+        let refused = sqlx::query("UPDATE pack_environment_node SET status = 'ready'")
+            .execute(&as_role)
+            .await
+            .unwrap_err();
+        assert!(
+            refused.to_string().contains("permission denied"),
+            "{refused}"
+        );
+    };
+    // The role is dropped whatever the outcome, so a failure does not leave it in the cluster.
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(outcome)).await;
+    as_role.close().await;
+    sqlx::raw_sql(&format!("DROP OWNED BY \"{role}\"; DROP ROLE \"{role}\";"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
+}

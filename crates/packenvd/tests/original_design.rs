@@ -457,3 +457,79 @@ async fn the_documented_table_already_migrated_by_an_earlier_packenvd_converges(
     .unwrap();
     assert_eq!((h.as_str(), hs.as_str()), ("healthy", "healthy"));
 }
+
+#[sqlx::test(migrations = false)]
+async fn a_database_at_the_deployed_migrations_takes_the_new_ones_out_of_order_and_rebuilds_nothing(
+    pool: PgPool,
+) {
+    // packenvd's own schema as main's releases left it (the first three migrations), with a
+    // ready environment: then this release's migrations, one of which sorts before them.
+    let env = Env::new(&[]);
+    let dir = tempfile::tempdir().unwrap();
+    deployed_migrations(dir.path())
+        .await
+        .run(&pool)
+        .await
+        .unwrap();
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    add_pack(&pool, "p").await;
+    env.pack_dir("p", &[]);
+    let id = request(&pool, "p", "t.noop").await;
+    assert_eq!(env.worker(&pool).drain().await.unwrap(), 1);
+    let before = row(&pool, id).await;
+    let defaults = || async {
+        sqlx::query_as::<_, (String, Option<String>)>(
+            "SELECT column_name::text, column_default::text FROM information_schema.columns
+             WHERE table_name = 'runtime' ORDER BY column_name",
+        )
+        .fetch_all(&pool)
+        .await
+        .unwrap()
+    };
+    let runtime_defaults = defaults().await;
+    assert_eq!(
+        packenvd::store::unapplied_migrations(&pool).await.unwrap(),
+        [20261127000000, 20261127000004]
+    );
+
+    packenvd::store::MIGRATOR.run(&pool).await.unwrap();
+
+    assert!(packenvd::store::unapplied_migrations(&pool)
+        .await
+        .unwrap()
+        .is_empty());
+    let applied: Vec<i64> =
+        sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success ORDER BY version")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        applied,
+        [
+            20261127000000,
+            20261127000001,
+            20261127000002,
+            20261127000003,
+            20261127000004
+        ]
+    );
+    // Nothing of packenvd's own schema or rows changed: the platform-schemas migration found
+    // nothing to do, and the row is served by the same build without a rebuild.
+    assert_eq!(defaults().await, runtime_defaults);
+    let after = row(&pool, id).await;
+    assert_eq!(
+        (after.status.as_str(), &after.metadata["build_dir"]),
+        ("ready", &before.metadata["build_dir"])
+    );
+    assert_eq!(env.worker(&pool).drain().await.unwrap(), 0);
+    let (health, health_status): (String, String) =
+        sqlx::query_as("SELECT health, health_status FROM v_pack_environment_status WHERE id = $1")
+            .bind(id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(
+        (health.as_str(), health_status.as_str()),
+        ("healthy", "healthy")
+    );
+}
