@@ -53,9 +53,9 @@ echo "==> status"
 
 echo "==> using the environments as a platform's worker does (examples/run_action.rs, through"
 echo "    packenv-client): this host's resolved build, its interpreter and variables"
-"$runner" examples/packs/demo_python core.python actions/hello.py
-"$runner" examples/packs/demo_node core.nodejs actions/hello.js
-"$runner" examples/packs/demo_shell core.shell actions/hello.sh
+"$runner" --timeout 60 examples/packs/demo_python core.python actions/hello.py
+"$runner" --timeout 60 examples/packs/demo_node core.nodejs actions/hello.js
+"$runner" --timeout 60 examples/packs/demo_shell core.shell actions/hello.sh
 
 echo "==> why demo_broken failed (packenvd logs demo_broken core.python, without the full log)"
 # logs prints the install log, then the error; it exits 1 for a failed environment.
