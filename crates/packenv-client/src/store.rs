@@ -7,7 +7,7 @@ use sqlx::types::Json;
 use sqlx::PgPool;
 
 /// The channel packenvd's migrations notify on when an environment's summary becomes ready or
-/// failed; the payload is "<id> <status>". Daemons do not listen on it.
+/// failed; the payload is `"<id> <status>"`. Daemons do not listen on it.
 pub const STATUS_CHANNEL: &str = "pack_environment_status";
 
 /// One environment on one node, with what tells the errors apart when something is missing.
@@ -49,8 +49,8 @@ pub(crate) async fn lookup(
         .await
 }
 
-/// [`lookup`]'s statement (`$1` pack ref, `$2` runtime ref, `$3` node), public for the tests
-/// and the benchmark that check its plan.
+/// [`Client::lookup`](crate::Client::lookup)'s statement (`$1` pack ref, `$2` runtime ref,
+/// `$3` node), public for the tests and the benchmark that check its plan.
 pub const LOOKUP_SQL: &str =
     "SELECT p.id IS NOT NULL AS pack_found, r.id IS NOT NULL AS runtime_found,
                 pe.status::text AS env_status, pe.install_error AS env_error,
