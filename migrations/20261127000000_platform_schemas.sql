@@ -1,16 +1,17 @@
 -- What packenvd's first migration needs of a platform's earlier schema (issue 15).
 --
 -- Numbered before the first migration so that, on a platform's database, it runs first. The
--- first three migrations are deployed and sqlx refuses a database whose applied migration's
+-- migrations before it are deployed and sqlx refuses a database whose applied migration's
 -- text changed, so they stay as they are; on a database that already has them, this one runs
--- after them (sqlx applies every missing version, in order) and finds nothing to do.
+-- after them (sqlx 0.8 applies every missing version, in order, whatever the newest applied
+-- one) and finds nothing to do (tests/original_design.rs checks both).
 --
 -- Two things of the original design's schema stop the first migration:
 --
 -- * Its view v_pack_environment_status has other columns in another order, which CREATE OR
---   REPLACE VIEW cannot change. It is renamed out of the way, with its grants; the fourth
---   migration puts its columns back beside packenvd's, gives the new view its grants and drops
---   it.
+--   REPLACE VIEW cannot change. It is renamed out of the way, with its grants;
+--   20261127000006_original_design.sql puts its columns back beside packenvd's, gives the
+--   new view its grants and drops it.
 -- * Its `runtime` table has columns that are NOT NULL without a default (`distributions`), so
 --   the seed rows' INSERT is refused, even for refs that exist (PostgreSQL checks NOT NULL
 --   before ON CONFLICT). Such columns get an empty default of their type; a column whose type

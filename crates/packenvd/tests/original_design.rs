@@ -357,14 +357,20 @@ fn host_python3() -> PathBuf {
     PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
 }
 
-/// The first three migrations, as a database already has them when the fourth arrives.
+/// The migrations released before this one (on main), as a deployed database has them when
+/// 20261127000000_platform_schemas and 20261127000006_original_design arrive.
 async fn deployed_migrations(dir: &Path) -> sqlx::migrate::Migrator {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../migrations");
     for f in std::fs::read_dir(&src).unwrap().flatten() {
         let name = f.file_name().to_string_lossy().into_owned();
-        if ["20261127000001_", "20261127000002_", "20261127000003_"]
-            .iter()
-            .any(|p| name.starts_with(p))
+        if [
+            "20261127000001_",
+            "20261127000002_",
+            "20261127000003_",
+            "20261127000005_",
+        ]
+        .iter()
+        .any(|p| name.starts_with(p))
         {
             std::fs::copy(f.path(), dir.join(&name)).unwrap();
         }
@@ -489,7 +495,7 @@ async fn a_database_at_the_deployed_migrations_takes_the_new_ones_out_of_order_a
     let runtime_defaults = defaults().await;
     assert_eq!(
         packenvd::store::unapplied_migrations(&pool).await.unwrap(),
-        [20261127000000, 20261127000004]
+        [20261127000000, 20261127000006]
     );
 
     packenvd::store::MIGRATOR.run(&pool).await.unwrap();
@@ -510,7 +516,8 @@ async fn a_database_at_the_deployed_migrations_takes_the_new_ones_out_of_order_a
             20261127000001,
             20261127000002,
             20261127000003,
-            20261127000004
+            20261127000005,
+            20261127000006
         ]
     );
     // Nothing of packenvd's own schema or rows changed: the platform-schemas migration found

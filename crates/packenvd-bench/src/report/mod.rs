@@ -8,8 +8,8 @@ use comfy_table::{presets, ContentArrangement, Table};
 
 use crate::pg::Cluster;
 use crate::scenarios::{
-    BuildTimes, Converge, Environments, Fleet, Idle, Latencies, PeerRate, Rerequest, Run, Variant,
-    Verification, Versus, Lookups,
+    BuildTimes, Converge, Environments, Fleet, Idle, Latencies, Lookups, PeerRate, Rerequest, Run,
+    Variant, Verification, Versus,
 };
 use crate::Plan;
 
