@@ -112,11 +112,13 @@ struct Prepared {
 }
 
 /// Checks the row and the spec, finds the pack and the interpreter, and plans the steps of a
-/// build named after `token`; `Err(Ok(built))` when the runtime needs no environment.
+/// build named after `token`, or of the current build when there is no token (`PackMissing`
+/// stands for "no current build" then: only [`answer`] asks, and it builds on any error);
+/// `Ok(Err(built))` when the runtime needs no environment.
 async fn prepare(
     cfg: &BuildConfig,
     target: &Target,
-    token: &str,
+    token: Option<&str>,
     log: &BuildLog,
 ) -> Result<Result<Prepared, Built>, Failure> {
     let (installers, spec) = parse_spec(target)?;
@@ -146,8 +148,23 @@ async fn prepare(
         }
         .into());
     }
-    let build_dir = loc.build_dir(token);
-    let tmp = cfg.tmp_root().join(format!(".{}-{token}", loc.name()));
+    let (build_dir, tmp) = match token {
+        Some(token) => (
+            loc.build_dir(token),
+            cfg.tmp_root().join(format!(".{}-{token}", loc.name())),
+        ),
+        None => {
+            let l = loc.clone();
+            let Some(current) = blocking(move || l.current_build()).await else {
+                return Err(BuildError::PackMissing {
+                    path: loc.name().into(),
+                }
+                .into());
+            };
+            let tmp = cfg.tmp_root().join(format!(".{}-answer", loc.name()));
+            (current, tmp)
+        }
+    };
     let pack_path = probe::pack_path(
         &cfg.packs_dir,
         &target.pack_ref,
@@ -203,13 +220,15 @@ pub async fn answer(
     log: &BuildLog,
     cancel: &CancellationToken,
 ) -> Option<Built> {
-    let p = match prepare(cfg, target, "answer", log).await {
+    // Planned for the current build: the one plan the comparison needs.
+    let p = match prepare(cfg, target, None, log).await {
         Ok(Ok(p)) => p,
         Ok(Err(built)) => return Some(built),
         Err(_) => return None,
     };
+    let planned = (&p.plan, p.build_dir.as_path());
     match current_build_matches(
-        cfg, target, &p.spec, &p.loc, &p.plan, &p.tools, None, cancel,
+        cfg, target, &p.spec, &p.loc, planned, &p.tools, None, cancel,
     )
     .await
     {
@@ -238,14 +257,24 @@ pub async fn run(
         plan,
         tools,
         build_dir,
-    } = match prepare(cfg, target, token, log).await? {
+    } = match prepare(cfg, target, Some(token), log).await? {
         Ok(p) => p,
         Err(built) => return Ok(built),
     };
     if reuse_if_current {
         // First without running anything: a request for an unchanged pack is answered from
         // what is known of the current build's interpreter.
-        if current_build_matches(cfg, target, &spec, &loc, &plan, &tools, None, cancel).await
+        if current_build_matches(
+            cfg,
+            target,
+            &spec,
+            &loc,
+            (&plan, &build_dir),
+            &tools,
+            None,
+            cancel,
+        )
+        .await
             == Reuse::Yes
         {
             log.line(UNCHANGED);
@@ -257,8 +286,17 @@ pub async fn run(
 
     let result = async {
         if reuse_if_current {
-            if current_build_matches(cfg, target, &spec, &loc, &plan, &tools, Some(()), cancel)
-                .await
+            if current_build_matches(
+                cfg,
+                target,
+                &spec,
+                &loc,
+                (&plan, &build_dir),
+                &tools,
+                Some(()),
+                cancel,
+            )
+            .await
                 == Reuse::Yes
             {
                 log.line(UNCHANGED);
@@ -619,7 +657,7 @@ async fn current_build_matches(
     target: &Target,
     spec: &crate::spec::RuntimeSpec,
     loc: &EnvLocation,
-    plan: &Plan,
+    (plan, planned_for): (&Plan, &Path),
     tools: &Toolchain,
     run: Option<()>,
     cancel: &CancellationToken,
@@ -635,17 +673,24 @@ async fn current_build_matches(
         return Reuse::No;
     }
     // The executables as the spec names them in the current build, never as metadata says.
-    let Ok(current_plan) = Plan::new(
-        cfg,
-        target,
-        plan.installers.clone(),
-        spec,
-        loc,
-        &current,
-        &plan.tmp_dir,
-        tools,
-    ) else {
-        return Reuse::No;
+    let made;
+    let current_plan = if planned_for == current {
+        plan
+    } else {
+        let Ok(p) = Plan::new(
+            cfg,
+            target,
+            plan.installers.clone(),
+            spec,
+            loc,
+            &current,
+            &plan.tmp_dir,
+            tools,
+        ) else {
+            return Reuse::No;
+        };
+        made = p;
+        &made
     };
     let version = match probe::interpreter(&current_plan.executables) {
         None => None,

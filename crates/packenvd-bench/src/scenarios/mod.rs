@@ -277,6 +277,6 @@ async fn wait_settled(pool: &PgPool, limit: Duration) -> anyhow::Result<DateTime
             started.elapsed() < limit,
             "{busy} row(s) still waiting or building after {limit:?}"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(DONE_POLL).await;
     }
 }

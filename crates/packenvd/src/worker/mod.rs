@@ -91,7 +91,7 @@ struct Shared {
 /// Requests the answer lane takes beyond the build slots. Answering one from its current build
 /// is a few file reads and no process, so a platform that re-requests every pack at start-up is
 /// answered in batches instead of `concurrency` rows per round trip.
-const ANSWER_LANE: usize = 64;
+const ANSWER_LANE: usize = 256;
 
 /// Deferred ids kept at most; past this the set starts again (a request taken twice costs one
 /// more look at its files, nothing else).
