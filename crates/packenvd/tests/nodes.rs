@@ -190,9 +190,24 @@ async fn three_nodes_each_build_every_environment_once_on_their_own_disk(pool: P
     let platform = Platform::new(&pool, &[("t.env", traced_runtime(""))]).await;
     let nodes: Vec<Env> = ["a", "b", "c"].iter().map(|n| platform.node(n)).collect();
     let daemons: Vec<Daemon> = nodes.iter().map(|n| start(n, &platform.url, &[])).collect();
+    let refs: Vec<&Daemon> = daemons.iter().collect();
+    // Registered before the request, so each node's rows are made by it and count for the
+    // parents (a node that joins later catches up without holding them back).
+    until(
+        Duration::from_secs(30),
+        "3 nodes registered",
+        &refs,
+        || async {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM packenvd_node")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+                == 3
+        },
+    )
+    .await;
     let started = Instant::now();
     platform.request_packs(&pool, PACKS, "t.env").await;
-    let refs: Vec<&Daemon> = daemons.iter().collect();
     until(Duration::from_secs(240), "all ready", &refs, || async {
         parents(&pool).await.get("ready") == Some(&(PACKS as i64))
     })
