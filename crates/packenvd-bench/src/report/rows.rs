@@ -140,7 +140,7 @@ pub(super) fn build_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
         };
         out.push([
             "3 build overhead, request → ready".into(),
-            format!("core.python, 3 local wheels; {n} pairs, medians (÷: median of pair ratios)"),
+            format!("old core.python commands (venv + ensurepip + pip), 3 local wheels; {n} pairs, medians (÷: median of pair ratios)"),
             packenvd,
             direct,
             over,

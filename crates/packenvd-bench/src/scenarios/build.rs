@@ -1,5 +1,7 @@
-//! Row 3, build overhead: core.python builds by the daemon against the same steps run
-//! directly by the harness.
+//! Row 3, build overhead: builds by the daemon against the same steps run directly by the
+//! harness. The runtime is core.python as it was before issue 13 (`python3 -m venv`, then the
+//! venv's pip: [`super::environments`]'s old commands), whose steps the harness runs as they
+//! are; today's core.python picks its steps by what the host has, which row 4 measures.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -29,7 +31,7 @@ fn step_env(cache_dir: &Path, tmp: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// The core.python steps and executable checks, run by the harness itself.
+/// The old core.python's steps and executable checks, run by the harness itself.
 async fn direct_build(
     venv: &Path,
     pack_dir: &Path,
@@ -76,7 +78,7 @@ pub async fn build_overhead(
     samples: usize,
     warm_up: bool,
 ) -> anyhow::Result<BuildTimes> {
-    let db = ctx.cluster.packenvd_db("build", 2).await?;
+    let db = super::environments::database(ctx, "build", 2).await?;
     let result = async {
         let dirs = ctx.daemon_dirs("build")?;
         let work = ctx.dir("direct")?;
@@ -96,9 +98,10 @@ pub async fn build_overhead(
         let mut seen = HashMap::new();
         for i in 1..=runs {
             let (id, committed): (i64, DateTime<Utc>) = sqlx::query_as(
-                "SELECT r.id, clock_timestamp() FROM request_pack_environment($1, 'core.python') r",
+                "SELECT r.id, clock_timestamp() FROM request_pack_environment($1, $2) r",
             )
             .bind(format!("py{i}"))
+            .bind(super::environments::OLD_RUNTIME)
             .fetch_one(&db.pool)
             .await?;
             let (_, done) = await_row(&mut d, id, &mut seen, Duration::from_secs(600)).await?;

@@ -33,7 +33,7 @@ pub enum Variant {
 pub const VARIANTS: [Variant; 3] = [Variant::Uv, Variant::PipOnly, Variant::Old];
 
 /// The old default, as the first migration seeded core.python.
-const OLD_RUNTIME: &str = "bench.python-venv-ensurepip";
+pub(super) const OLD_RUNTIME: &str = "bench.python-venv-ensurepip";
 const OLD_SPEC: &str = r#"{
   "installers": [
     {"name": "create venv", "order": 1,
@@ -43,7 +43,7 @@ const OLD_SPEC: &str = r#"{
      "command": "{env_path}/bin/python",
      "args": ["-m", "pip", "install", "--no-input", "-r", "{pack_path}/requirements.txt"]}
   ],
-  "executable_templates": {"python": "{env_path}/bin/python"},
+  "executable_templates": {"python": "{env_path}/bin/python", "pip": "{env_path}/bin/pip"},
   "env_vars": {"VIRTUAL_ENV": "{env_path}"},
   "requires_environment": true
 }"#;
@@ -297,7 +297,7 @@ fn all_wheels() -> Vec<String> {
 }
 
 /// A database for one daemon, with the old runtime beside packenvd's.
-async fn database(ctx: &Ctx, tag: &str, connections: u32) -> anyhow::Result<Db> {
+pub(super) async fn database(ctx: &Ctx, tag: &str, connections: u32) -> anyhow::Result<Db> {
     let db = ctx.cluster.packenvd_db(tag, connections).await?;
     let spec: serde_json::Value = serde_json::from_str(OLD_SPEC)?;
     sqlx::query("INSERT INTO runtime (ref, name, installers) VALUES ($1, 'python-old', $2)")
