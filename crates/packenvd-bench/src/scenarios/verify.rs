@@ -141,7 +141,7 @@ pub async fn verification(ctx: &Ctx, n: usize) -> anyhow::Result<Verification> {
         let b = daemon_settings(&dirs, &db.url, "bench-verify-b")?;
         // The daemon's pool, as `packenvd verify` makes it (concurrency + 4 connections).
         let size = u32::try_from(a.concurrency).unwrap_or(u32::MAX).saturating_add(4);
-        let pool = packenvd::store::connect(&db.url, size).await?;
+        let pool = packenvd::store::connect(&db.url, size, packenvd::store::Workload::Daemon).await?;
         let stale = || async {
             sqlx::query(
                 "UPDATE pack_environment_node SET last_verified = now() - interval '30 days'

@@ -132,7 +132,10 @@ pub fn main(cli: Cli) -> ExitCode {
     if let Command::CheckConfig(_) = &cli.command {
         let settings = &loaded.settings;
         return runtime
-            .block_on(async { check::connect(settings, connect(settings, &forgotten).await).await })
+            .block_on(async {
+                let pool = connect(settings, &forgotten, store::Workload::Command).await;
+                check::connect(settings, pool).await
+            })
             .into();
     }
     match runtime.block_on(dispatch(&cli, &common, loaded.settings, forgotten, filter)) {
@@ -152,13 +155,14 @@ pub fn main(cli: Cli) -> ExitCode {
 async fn connect(
     settings: &Settings,
     forgotten: &crate::hardening::Forgotten,
+    workload: store::Workload,
 ) -> anyhow::Result<PgPool> {
     let pool_size = u32::try_from(settings.concurrency)
         .unwrap_or(u32::MAX)
         .saturating_add(4);
     let password = forgotten.pg_password.as_ref().map(|p| p.expose());
     let url = settings.database_url.expose();
-    store::connect_with_password(url, password, pool_size)
+    store::connect_with_password(url, password, pool_size, workload)
         .await
         .with_context(|| {
             format!(
@@ -175,7 +179,11 @@ async fn dispatch(
     forgotten: crate::hardening::Forgotten,
     filter: crate::logging::LogFilter,
 ) -> anyhow::Result<Exit> {
-    let pool = connect(&settings, &forgotten).await?;
+    let workload = match &cli.command {
+        Command::Run(_) => store::Workload::Daemon,
+        _ => store::Workload::Command,
+    };
+    let pool = connect(&settings, &forgotten, workload).await?;
     Ok(match &cli.command {
         Command::Migrate(_) => {
             store::MIGRATOR

@@ -18,24 +18,27 @@ fn delta(status: &str) -> String {
 
 /// The CTE `p` that applies `u`'s changes to the parents, with `mirror` (`, col = expr, ...`)
 /// copying what the platform reads on a single host from the node row to its parent.
+///
+/// The status is derived here from the new counts, as the parent's BEFORE trigger would derive
+/// it (the same function): that trigger's WHEN then finds nothing to do and PostgreSQL does not
+/// call it, which on the queue's path is one PL/pgSQL call fewer per claim and write-back.
 pub(super) fn parents_cte(mirror: &str) -> String {
+    let [p, i, r, f, o] = ["pending", "installing", "ready", "failed", "outdated"]
+        .map(|status| format!("pe.nodes_{status} + {}", delta(status)));
     format!(
         "p AS (
            UPDATE pack_environment pe SET
-             nodes_pending = pe.nodes_pending + {p},
-             nodes_installing = pe.nodes_installing + {i},
-             nodes_ready = pe.nodes_ready + {r},
-             nodes_failed = pe.nodes_failed + {f},
-             nodes_outdated = pe.nodes_outdated + {o},
+             nodes_pending = {p},
+             nodes_installing = {i},
+             nodes_ready = {r},
+             nodes_failed = {f},
+             nodes_outdated = {o},
+             status = pack_environment_summary({p}, {i}, {r}, {f}, {o}, pe.status),
              summary_seq = pe.summary_seq + 1,
+             updated = now(),
              last_node = u.node {mirror}
            FROM u WHERE pe.id = u.env_id
-           RETURNING pe.id)",
-        p = delta("pending"),
-        i = delta("installing"),
-        r = delta("ready"),
-        f = delta("failed"),
-        o = delta("outdated"),
+           RETURNING pe.id)"
     )
 }
 
