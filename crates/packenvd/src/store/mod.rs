@@ -73,7 +73,10 @@ pub enum Workload {
     /// Sequential scans are disabled so that a plan made while the tables are empty (a
     /// daemon's first claim on a new database) uses the indexes too, rather than scanning
     /// every parent on each claim until the next ANALYZE replans it. A statement without an
-    /// index to use still scans.
+    /// index to use still scans. JIT is off: no statement of the daemon's runs long enough to
+    /// repay a compilation, and a disabled scan's cost (PostgreSQL's way of disabling it) would
+    /// otherwise pass `jit_above_cost` and compile queries in a loop (a start-up statement over
+    /// 2,000 environments took minutes).
     Daemon,
     /// A command's: each statement runs about once, planned with what its parameters are.
     Command,
@@ -101,6 +104,7 @@ pub async fn connect_with_password(
         options = options.options([
             ("plan_cache_mode", "force_generic_plan"),
             ("enable_seqscan", "off"),
+            ("jit", "off"),
         ]);
     }
     // One connection first, with a short limit: a refused or unreachable server is reported at
