@@ -42,7 +42,10 @@ BEGIN
         nodes_ready      = c.ready,
         nodes_failed     = c.failed,
         nodes_outdated   = c.outdated,
-        summary_seq      = pe.summary_seq + 1
+        status = pack_environment_summary(c.pending::int, c.installing::int, c.ready::int,
+                                          c.failed::int, c.outdated::int, pe.status),
+        summary_seq      = pe.summary_seq + 1,
+        updated          = now()
     FROM (SELECT count(*) FILTER (WHERE n.status = 'pending')    AS pending,
                  count(*) FILTER (WHERE n.status = 'installing') AS installing,
                  count(*) FILTER (WHERE n.status = 'ready')      AS ready,
@@ -91,11 +94,11 @@ ALTER FUNCTION pack_environment_fan_out() SECURITY DEFINER SET search_path FROM 
 ALTER FUNCTION pack_environment_recount(BIGINT) SECURITY DEFINER SET search_path FROM CURRENT;
 REVOKE EXECUTE ON FUNCTION pack_environment_recount(BIGINT) FROM PUBLIC;
 
--- The parent's BEFORE trigger, called only where it has something to do: a platform's write
--- (summary_seq unchanged), an insert, or a summary write that left something for it (the
--- status not derived from the counts, a failure without an error, `updated` not set). The
--- daemon's claims and write-backs derive the status themselves (store/summary.rs), so on the
--- queue's path the function is not called at all.
+-- The parent's BEFORE trigger runs for the platform's writes and inserts only. Every write of
+-- packenvd's to the summary (it bumps summary_seq) derives the status from the new counts
+-- itself, with the rule the trigger applied (a failed parent keeps its error when the write
+-- brings none): store/summary.rs, the recount above, the withdrawal in store/nodes.rs. On the
+-- queue's path the parent's triggers then cost a comparison each and no function call.
 DROP TRIGGER IF EXISTS pack_environment_before_write ON pack_environment;
 DROP TRIGGER IF EXISTS pack_environment_before_insert ON pack_environment;
 CREATE TRIGGER pack_environment_before_insert
@@ -103,11 +106,5 @@ CREATE TRIGGER pack_environment_before_insert
     FOR EACH ROW EXECUTE FUNCTION pack_environment_before_write();
 CREATE TRIGGER pack_environment_before_write
     BEFORE UPDATE ON pack_environment
-    FOR EACH ROW WHEN (
-        NEW.summary_seq IS NOT DISTINCT FROM OLD.summary_seq
-        OR NEW.status IS DISTINCT FROM pack_environment_summary(NEW.nodes_pending,
-               NEW.nodes_installing, NEW.nodes_ready, NEW.nodes_failed, NEW.nodes_outdated,
-               OLD.status)
-        OR (NEW.status = 'failed' AND NEW.install_error IS NULL)
-        OR NEW.updated IS NOT DISTINCT FROM OLD.updated)
+    FOR EACH ROW WHEN (NEW.summary_seq IS NOT DISTINCT FROM OLD.summary_seq)
     EXECUTE FUNCTION pack_environment_before_write();

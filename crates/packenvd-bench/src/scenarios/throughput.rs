@@ -193,7 +193,9 @@ pub async fn raw_throughput(
     let result = async {
         insert_packs(&db.pool, "raw", rows).await?;
         // The daemon's own pool settings, so raw and daemon pay the same per statement.
-        let pool = packenvd::store::connect(&db.url, tasks as u32, packenvd::store::Workload::Daemon).await?;
+        let pool =
+            packenvd::store::connect(&db.url, tasks as u32, packenvd::store::Workload::Daemon)
+                .await?;
         let envs_root = Arc::new(ctx.dir("raw-envs")?);
         // The node the loops work for, registered as a daemon's start would: the requests
         // below fan out to it, as they would to a daemon's.

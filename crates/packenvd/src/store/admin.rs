@@ -179,7 +179,7 @@ static REBUILD_ON_NODE_SQL: LazyLock<String> = LazyLock::new(|| {
                        c.old_required, c.pack_ref, c.runtime_ref),
          {p}
          SELECT env_id, pack_ref, runtime_ref FROM u ORDER BY pack_ref, runtime_ref",
-        p = super::summary::parents_cte("")
+        p = super::summary::parents_cte("", None)
     )
 });
 

@@ -117,7 +117,7 @@ static ADOPT_SQL: LazyLock<String> = LazyLock::new(|| {
                        NULL::boolean AS old_required),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte("")
+        p = parents_cte("", None)
     )
 });
 
@@ -169,7 +169,11 @@ const WITHDRAW_SQL: &str = "
     SET nodes_pending = pe.nodes_pending - agg.pending,
         nodes_failed = pe.nodes_failed - agg.failed,
         nodes_outdated = pe.nodes_outdated - agg.outdated,
-        summary_seq = pe.summary_seq + 1
+        status = pack_environment_summary((pe.nodes_pending - agg.pending)::int,
+            pe.nodes_installing, pe.nodes_ready, (pe.nodes_failed - agg.failed)::int,
+            (pe.nodes_outdated - agg.outdated)::int, pe.status),
+        summary_seq = pe.summary_seq + 1,
+        updated = now()
     FROM agg WHERE pe.id = agg.env_id";
 
 static RECONCILE_SQL: LazyLock<String> = LazyLock::new(|| {
@@ -203,7 +207,7 @@ static RECONCILE_SQL: LazyLock<String> = LazyLock::new(|| {
                        c.old_required),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte("")
+        p = parents_cte("", None)
     )
 });
 
@@ -222,7 +226,7 @@ static CATCH_UP_SQL: LazyLock<String> = LazyLock::new(|| {
                        NULL::boolean AS old_required),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte("")
+        p = parents_cte("", None)
     )
 });
 
@@ -278,7 +282,7 @@ static UNCOUNT_SQL: LazyLock<String> = LazyLock::new(|| {
                        c.old_required),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte("")
+        p = parents_cte("", None)
     )
 });
 
@@ -357,7 +361,7 @@ static MISSING_SQL: LazyLock<String> = LazyLock::new(|| {
                        c.old_required),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte("")
+        p = parents_cte("", None)
     )
 });
 

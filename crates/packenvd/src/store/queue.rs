@@ -94,7 +94,8 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
              env_path = CASE WHEN pe.env_path IS NULL OR pe.env_path_by_packenvd
                              THEN u.env_path ELSE pe.env_path END,
              env_path_by_packenvd = (pe.env_path IS NULL OR pe.env_path_by_packenvd)
-                                    AND u.env_path IS NOT NULL"
+                                    AND u.env_path IS NOT NULL",
+            None
         )
     )
 });
@@ -286,11 +287,14 @@ static UNCHANGED_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
                        n.last_verified),
          {p}
          SELECT id FROM u",
-        p = parents_cte(&format!(
-            "{MIRROR_DONE}, install_log = u.install_log, install_error = NULL,
-             last_verified = u.last_verified, last_verify_result = NULL,
-             skip_if_current = false"
-        ))
+        p = parents_cte(
+            &format!(
+                "{MIRROR_DONE}, install_log = u.install_log,
+                 last_verified = u.last_verified, last_verify_result = NULL,
+                 skip_if_current = false"
+            ),
+            Some("NULL")
+        )
     )
 });
 
@@ -351,12 +355,15 @@ static WRITE_READY_SQL: LazyLock<String> = LazyLock::new(|| {
                        n.install_error, n.installed_at, n.last_verified, n.attempts),
          {p}
          SELECT id FROM u",
-        p = parents_cte(&format!(
-            "{MIRROR_DONE}, install_log = u.install_log, metadata = u.metadata,
-             fingerprint = u.fingerprint, install_error = NULL, installed_at = u.installed_at,
-             last_verified = u.last_verified, last_verify_result = NULL,
-             skip_if_current = false"
-        ))
+        p = parents_cte(
+            &format!(
+                "{MIRROR_DONE}, install_log = u.install_log, metadata = u.metadata,
+                 fingerprint = u.fingerprint, installed_at = u.installed_at,
+                 last_verified = u.last_verified, last_verify_result = NULL,
+                 skip_if_current = false"
+            ),
+            Some("NULL")
+        )
     )
 });
 
@@ -405,7 +412,7 @@ async fn write_other(
 
 /// One node row's write-back, fenced by `$1` (id) and `$2` (claim token): `set` on the node
 /// row, `mirror` on its parent, the parent's counts moved.
-fn finish_one_sql(set: &str, mirror: &str) -> String {
+fn finish_one_sql(set: &str, mirror: &str, error: Option<&str>) -> String {
     format!(
         "WITH c AS MATERIALIZED (
              SELECT id, status AS old_status, required AS old_required
@@ -420,7 +427,7 @@ fn finish_one_sql(set: &str, mirror: &str) -> String {
                        n.run_after, n.last_verified),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte(&format!("{MIRROR_DONE}{mirror}"))
+        p = parents_cte(&format!("{MIRROR_DONE}{mirror}"), error)
     )
 }
 
@@ -430,8 +437,9 @@ static UNCHANGED_SQL: LazyLock<String> = LazyLock::new(|| {
         "status = 'ready', required = true, built_generation = n.generation,
          install_log = $3, install_error = NULL, last_verified = now(),
          last_verify_result = NULL, skip_if_current = false",
-        ", install_log = u.install_log, install_error = NULL, last_verified = u.last_verified,
+        ", install_log = u.install_log, last_verified = u.last_verified,
          last_verify_result = NULL, skip_if_current = false",
+        Some("NULL"),
     )
 });
 
@@ -440,10 +448,8 @@ static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
     finish_one_sql(
         "status = 'pending', run_after = now() + make_interval(secs => $5),
          install_error = $3, install_log = $4",
-        &format!(
-            ", run_after = u.run_after, install_error = {MIRROR_ERROR},
-             install_log = u.install_log"
-        ),
+        ", run_after = u.run_after, install_log = u.install_log",
+        Some(MIRROR_ERROR),
     )
 });
 
@@ -451,7 +457,8 @@ static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
 static FAILED_SQL: LazyLock<String> = LazyLock::new(|| {
     finish_one_sql(
         "status = 'failed', install_error = $3, install_log = $4",
-        &format!(", install_error = {MIRROR_ERROR}, install_log = u.install_log"),
+        ", install_log = u.install_log",
+        Some(MIRROR_ERROR),
     )
 });
 
@@ -461,6 +468,7 @@ static RELEASED_SQL: LazyLock<String> = LazyLock::new(|| {
         "status = 'pending', attempts = greatest(n.attempts - 1, 0), run_after = now(),
          install_log = $3",
         ", run_after = u.run_after, install_log = u.install_log",
+        None,
     )
 });
 
@@ -468,6 +476,7 @@ static DEFERRED_SQL: LazyLock<String> = LazyLock::new(|| {
     finish_one_sql(
         "status = 'pending', attempts = greatest(n.attempts - 1, 0), run_after = now()",
         ", run_after = u.run_after",
+        None,
     )
 });
 
@@ -559,9 +568,10 @@ static RESCUE_SQL: LazyLock<String> = LazyLock::new(|| {
                        c.old_required, n.env_path, n.install_error, n.attempts, n.run_after),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte(&format!(
-            "{MIRROR_DONE}, run_after = u.run_after, install_error = {MIRROR_ERROR}"
-        ))
+        p = parents_cte(
+            &format!("{MIRROR_DONE}, run_after = u.run_after"),
+            Some(MIRROR_ERROR)
+        )
     )
 });
 

@@ -17,14 +17,23 @@ fn delta(status: &str) -> String {
 }
 
 /// The CTE `p` that applies `u`'s changes to the parents, with `mirror` (`, col = expr, ...`)
-/// copying what the platform reads on a single host from the node row to its parent.
+/// copying what the platform reads on a single host from the node row to its parent, and
+/// `error` the parent's new `install_error` (None: unchanged).
 ///
-/// The status is derived here from the new counts, as the parent's BEFORE trigger would derive
-/// it (the same function): that trigger's WHEN then finds nothing to do and PostgreSQL does not
-/// call it, which on the queue's path is one PL/pgSQL call fewer per claim and write-back.
-pub(super) fn parents_cte(mirror: &str) -> String {
+/// The status is derived here from the new counts, and a failed parent keeps its error when
+/// the write brings none (a node ready beside a failed one), as the parent's BEFORE trigger
+/// did: that trigger now runs for the platform's writes only, so the queue's statements call
+/// no PL/pgSQL and prepare no trigger condition that needs planning.
+pub(super) fn parents_cte(mirror: &str, error: Option<&str>) -> String {
     let [p, i, r, f, o] = ["pending", "installing", "ready", "failed", "outdated"]
         .map(|status| format!("pe.nodes_{status} + {}", delta(status)));
+    let status = format!("pack_environment_summary({p}, {i}, {r}, {f}, {o}, pe.status)");
+    let error = error.map_or_else(String::new, |e| {
+        format!(
+            ",\n             install_error = CASE WHEN {status} = 'failed'
+                                  THEN coalesce({e}, pe.install_error) ELSE {e} END"
+        )
+    });
     format!(
         "p AS (
            UPDATE pack_environment pe SET
@@ -33,10 +42,10 @@ pub(super) fn parents_cte(mirror: &str) -> String {
              nodes_ready = {r},
              nodes_failed = {f},
              nodes_outdated = {o},
-             status = pack_environment_summary({p}, {i}, {r}, {f}, {o}, pe.status),
+             status = {status},
              summary_seq = pe.summary_seq + 1,
              updated = now(),
-             last_node = u.node {mirror}
+             last_node = u.node {mirror}{error}
            FROM u WHERE pe.id = u.env_id
            RETURNING pe.id)"
     )

@@ -134,12 +134,14 @@ static FINISH_VERIFICATION_SQL: LazyLock<String> = LazyLock::new(|| {
                        c.old_required, n.install_error, n.last_verified, n.last_verify_result),
          {p}
          SELECT count(*) FROM u",
-        p = parents_cte(&format!(
-            ", last_verified = u.last_verified, last_verify_result = u.last_verify_result,
-             install_error = CASE WHEN u.status = 'outdated' THEN {MIRROR_ERROR}
-                                  WHEN pe.nodes_pending + pe.nodes_installing + pe.nodes_failed
-                                       + pe.nodes_outdated = 0 THEN NULL
-                                  ELSE pe.install_error END"
-        ))
+        p = parents_cte(
+            ", last_verified = u.last_verified, last_verify_result = u.last_verify_result",
+            Some(&format!(
+                "CASE WHEN u.status = 'outdated' THEN {MIRROR_ERROR}
+                      WHEN pe.nodes_pending + pe.nodes_installing + pe.nodes_failed
+                           + pe.nodes_outdated = 0 THEN NULL
+                      ELSE pe.install_error END"
+            ))
+        )
     )
 });
