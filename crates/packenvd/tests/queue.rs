@@ -399,3 +399,33 @@ async fn sql_helpers_answer_as_documented(pool: PgPool) {
             .unwrap();
     assert_eq!(refs, ("web".into(), "core.shell".into()));
 }
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn the_daemons_sessions_plan_once_by_index_and_the_commands_keep_the_defaults(pool: PgPool) {
+    let url = database_url(&pool);
+    let settings = |pool: PgPool| async move {
+        let row: (String, String, String) = sqlx::query_as(
+            "SELECT current_setting('plan_cache_mode'), current_setting('enable_seqscan'),
+                    current_setting('jit')",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        row
+    };
+    let daemon = store::connect(&url, 2, store::Workload::Daemon)
+        .await
+        .unwrap();
+    assert_eq!(
+        settings(daemon.clone()).await,
+        ("force_generic_plan".into(), "off".into(), "off".into())
+    );
+    daemon.close().await;
+    let command = store::connect(&url, 2, store::Workload::Command)
+        .await
+        .unwrap();
+    let defaults = settings(pool.clone()).await;
+    assert_eq!(settings(command.clone()).await, defaults);
+    assert_eq!(defaults.0, "auto");
+    command.close().await;
+}

@@ -39,7 +39,7 @@ use packenv_core::target::Target;
 use serde::Serialize;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::PgPool;
-use sqlx::{Connection, PgConnection};
+use sqlx::{Connection, Executor, PgConnection};
 use uuid::Uuid;
 
 pub use admin::*;
@@ -99,14 +99,7 @@ pub async fn connect_with_password(
     if let Some(password) = password.filter(|_| !crate::config::has_password(url)) {
         options = options.password(password);
     }
-    let mut options = options.application_name("packenvd");
-    if workload == Workload::Daemon {
-        options = options.options([
-            ("plan_cache_mode", "force_generic_plan"),
-            ("enable_seqscan", "off"),
-            ("jit", "off"),
-        ]);
-    }
+    let options = options.application_name("packenvd");
     // One connection first, with a short limit: a refused or unreachable server is reported at
     // once with its cause, where the pool would retry for its whole acquire timeout and then
     // say only that it timed out.
@@ -129,9 +122,23 @@ pub async fn connect_with_password(
         // A connection that died with the server fails its statement instead, and every
         // caller retries (claims, heartbeats and write-backs back off and try again).
         .test_before_acquire(false)
+        // SET after connecting rather than startup options: a pooler such as PgBouncer refuses
+        // a startup parameter it does not know.
+        .after_connect(move |conn, _| {
+            Box::pin(async move {
+                if workload == Workload::Daemon {
+                    conn.execute(DAEMON_SESSION).await?;
+                }
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
 }
+
+/// The settings of the daemon's sessions ([`Workload::Daemon`]).
+const DAEMON_SESSION: &str =
+    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off";
 
 /// How long the first connection may take before `packenvd` says the server does not answer.
 const FIRST_CONTACT: Duration = Duration::from_secs(5);
