@@ -25,24 +25,28 @@ use super::{Claim, EnvRow, Fence, Transition};
 pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH b AS MATERIALIZED (
-             SELECT id FROM pack_environment_node
+             SELECT id, status AS old_status, required AS old_required,
+                    greatest(run_after, updated) AS claimable_since
+             FROM pack_environment_node
              WHERE node = $5 AND status IN ('pending', 'outdated') AND run_after <= now()
              ORDER BY run_after, id
              LIMIT $3
              FOR UPDATE SKIP LOCKED),
          a AS MATERIALIZED (
-             SELECT id FROM pack_environment_node
+             SELECT id, status AS old_status, required AS old_required,
+                    greatest(run_after, updated) AS claimable_since
+             FROM pack_environment_node
              WHERE node = $5 AND status IN ('pending', 'outdated') AND run_after <= now()
                AND skip_if_current AND fingerprint IS NOT NULL AND id <> ALL($7::int8[])
                AND id NOT IN (SELECT id FROM b)
              ORDER BY run_after, id
              LIMIT $6
              FOR UPDATE SKIP LOCKED),
-         c AS MATERIALIZED (
-             SELECT n.id, n.status AS old_status, n.required AS old_required,
-                    greatest(n.run_after, n.updated) AS claimable_since, x.answer
-             FROM (SELECT id, false AS answer FROM b UNION ALL SELECT id, true FROM a) x
-             JOIN pack_environment_node n ON n.id = x.id),
+         -- The lanes' rows as they were locked: no second lookup of each.
+         c AS (
+             SELECT id, old_status, old_required, claimable_since, false AS answer FROM b
+             UNION ALL
+             SELECT id, old_status, old_required, claimable_since, true FROM a),
          u AS (
              UPDATE pack_environment_node n
              SET status = 'installing', claimed_by = $1, claim_token = gen_random_uuid(),
