@@ -31,6 +31,7 @@ mod nodes;
 mod queue;
 mod summary;
 mod verify;
+mod watch;
 
 use std::time::Duration;
 
@@ -46,6 +47,7 @@ pub use admin::*;
 pub use nodes::*;
 pub use queue::*;
 pub use verify::*;
+pub use watch::*;
 
 /// Migrations embedded from the workspace's `migrations/` directory. Versions in
 /// `_sqlx_migrations` that are not ours are ignored: a platform that migrates its own schema
