@@ -429,3 +429,60 @@ async fn the_daemons_sessions_plan_once_by_index_and_the_commands_keep_the_defau
     assert_eq!(defaults.0, "auto");
     command.close().await;
 }
+
+/// A generic plan knows neither the claim's LIMIT nor the write-back's arrays: PostgreSQL then
+/// guesses a tenth of the queue, and on an analyzed queue of thousands it joined the claimed
+/// rows to the node table by merging whole indexes, a scan of every node row per claim. The
+/// daemon's plans must be lookups by key whatever the queue's size.
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn the_daemons_plans_stay_lookups_by_key_on_a_large_analyzed_queue(pool: PgPool) {
+    register_node(&pool, "/envs").await;
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    sqlx::query(
+        "INSERT INTO pack (ref, label) SELECT 'p' || g, '' FROM generate_series(1, 20000) g",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO pack_environment (pack, runtime)
+         SELECT p.id, r.id FROM pack p, runtime r WHERE r.ref = 't.noop'",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    sqlx::query("ANALYZE").execute(&pool).await.unwrap();
+
+    let daemon = store::connect(&database_url(&pool), 1, store::Workload::Daemon)
+        .await
+        .unwrap();
+    let mut conn = daemon.acquire().await.unwrap();
+    let statements = [
+        (
+            "claim",
+            "text, float8, int8, text, text, int8, int8[]",
+            store::CLAIM_SQL.as_str(),
+            "('i', 60, 4, '/envs', 'n', 64, '{}')",
+        ),
+        (
+            "write_ready",
+            "int8[], uuid[], text[], text[], text[], text[]",
+            store::WRITE_READY_SQL.as_str(),
+            "('{1}', ARRAY[gen_random_uuid()], '{/e}', '{}', '{\"{}\"}', '{f}')",
+        ),
+    ];
+    for (name, types, sql, args) in statements {
+        sqlx::raw_sql(&format!("PREPARE {name}({types}) AS {sql}"))
+            .execute(&mut *conn)
+            .await
+            .unwrap();
+        let plan: Vec<String> = sqlx::query_scalar(&format!("EXPLAIN EXECUTE {name}{args}"))
+            .fetch_all(&mut *conn)
+            .await
+            .unwrap();
+        let plan = plan.join("\n");
+        for shape in ["Merge Join", "Hash Join", "Seq Scan"] {
+            assert!(!plan.contains(shape), "{name}'s plan has a {shape}:\n{plan}");
+        }
+    }
+}

@@ -138,9 +138,14 @@ pub async fn connect_with_password(
         .await
 }
 
-/// The settings of the daemon's sessions ([`Workload::Daemon`]).
-const DAEMON_SESSION: &str =
-    "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; SET jit = off";
+/// The settings of the daemon's sessions ([`Workload::Daemon`]). Each statement is planned
+/// once per connection, and a plan made once must suit every call: a generic plan knows
+/// neither a claim's LIMIT nor a write-back's arrays and guesses a tenth of the queue, so on a
+/// large queue it would scan or merge whole tables and indexes to join a few rows. Every
+/// statement of the daemon is driven by keys (DESIGN §3), so it is planned as nested lookups by
+/// index; `jit` is off because the disabled plans' costs would otherwise pass its threshold.
+const DAEMON_SESSION: &str = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; \
+     SET enable_mergejoin = off; SET enable_hashjoin = off; SET jit = off";
 
 /// How long the first connection may take before `packenvd` says the server does not answer.
 const FIRST_CONTACT: Duration = Duration::from_secs(5);

@@ -336,8 +336,8 @@ async fn write_ready<'a>(
 }
 
 /// `ready`, for many builds at once, each fenced by its own token. A catch-up row becomes
-/// required once ready: from now on the parent counts it.
-static WRITE_READY_SQL: LazyLock<String> = LazyLock::new(|| {
+/// required once ready: from now on the parent counts it. Public for the test of its plan.
+pub static WRITE_READY_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH c AS MATERIALIZED (
              SELECT n.id, n.status AS old_status, n.required AS old_required,
