@@ -467,7 +467,13 @@ async fn the_daemons_plans_stay_lookups_by_key_on_a_large_analyzed_queue(pool: P
         (
             "write_ready",
             "int8[], uuid[], text[], text[], text[], text[]",
-            store::WRITE_READY_SQL.as_str(),
+            store::WRITE_READY_SQL[0].as_str(),
+            "('{1}', ARRAY[gen_random_uuid()], '{/e}', '{}', '{\"{}\"}', '{f}')",
+        ),
+        (
+            "write_ready_locking",
+            "int8[], uuid[], text[], text[], text[], text[]",
+            store::WRITE_READY_SQL[1].as_str(),
             "('{1}', ARRAY[gen_random_uuid()], '{/e}', '{}', '{\"{}\"}', '{f}')",
         ),
     ];
@@ -482,7 +488,101 @@ async fn the_daemons_plans_stay_lookups_by_key_on_a_large_analyzed_queue(pool: P
             .unwrap();
         let plan = plan.join("\n");
         for shape in ["Merge Join", "Hash Join", "Seq Scan"] {
-            assert!(!plan.contains(shape), "{name}'s plan has a {shape}:\n{plan}");
+            assert!(
+                !plan.contains(shape),
+                "{name}'s plan has a {shape}:\n{plan}"
+            );
         }
     }
+}
+
+/// The parent's counts after a write-back must be what a recount from the node rows gives,
+/// whether the parent still counted the build (the common case, written without reading the
+/// row first) or stopped counting it while it ran (its node was declared gone meanwhile).
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_batch_write_back_keeps_the_counts_whether_the_parent_counted_the_build_or_not(
+    pool: PgPool,
+) {
+    register_node(&pool, "/envs").await;
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    for p in ["counted", "uncounted", "lost"] {
+        add_pack(&pool, p).await;
+        request(&pool, p, "t.noop").await;
+    }
+    let claims = claim_all(&pool).await;
+    assert_eq!(claims.len(), 3);
+    let by_pack = |p: &str| {
+        claims
+            .iter()
+            .find(|c| c.row.pack_ref == p)
+            .expect("claimed")
+            .clone()
+    };
+    let (counted, uncounted, lost) = (by_pack("counted"), by_pack("uncounted"), by_pack("lost"));
+    // What a gone node's withdrawal does to one row it was building.
+    sqlx::query("UPDATE pack_environment_node SET required = false WHERE id = $1")
+        .bind(uncounted.fence.id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query("SELECT pack_environment_recount($1)")
+        .bind(uncounted.row.env_id)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let ready = || store::Transition::Ready {
+        env_path: None,
+        metadata: serde_json::json!({}),
+        fingerprint: None,
+        log: "built".into(),
+    };
+    let stale = store::Fence {
+        id: lost.fence.id,
+        token: uuid::Uuid::new_v4(),
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let written = store::finish_all(
+        &mut conn,
+        &[
+            (counted.fence, ready()),
+            (uncounted.fence, ready()),
+            (stale, ready()),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, [true, true, false]);
+
+    let counts = "SELECT pe.pack_ref, pe.status::text, pe.nodes_pending, pe.nodes_installing,
+                         pe.nodes_ready, pe.nodes_failed, pe.nodes_outdated
+                  FROM pack_environment pe ORDER BY pe.pack_ref";
+    type Counts = (String, String, i32, i32, i32, i32, i32);
+    let kept: Vec<Counts> = sqlx::query_as(counts).fetch_all(&pool).await.unwrap();
+    sqlx::query("SELECT pack_environment_recount(id) FROM pack_environment")
+        .execute(&pool)
+        .await
+        .unwrap();
+    let recounted: Vec<Counts> = sqlx::query_as(counts).fetch_all(&pool).await.unwrap();
+    assert_eq!(kept, recounted);
+    assert_eq!(
+        kept,
+        [
+            ("counted".into(), "ready".into(), 0, 0, 1, 0, 0),
+            ("lost".into(), "installing".into(), 0, 1, 0, 0, 0),
+            ("uncounted".into(), "ready".into(), 0, 0, 1, 0, 0),
+        ]
+    );
+}
+
+async fn claim_all(pool: &PgPool) -> Vec<store::Claim> {
+    store::claim(
+        pool,
+        &node_name(),
+        "i",
+        Duration::from_secs(60),
+        10,
+        std::path::Path::new("/envs"),
+    )
+    .await
+    .unwrap()
 }

@@ -256,49 +256,27 @@ async fn write_unchanged<'a>(
     conn: &mut PgConnection,
     items: impl Iterator<Item = &'a (Fence, Transition)>,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let (mut ids, mut tokens, mut logs) = (vec![], vec![], vec![]);
-    for (fence, t) in items {
-        if let Transition::Unchanged { log } = t {
-            ids.push(fence.id);
-            tokens.push(fence.token);
-            logs.push(log.clone());
-        }
-    }
-    sqlx::query_scalar(UNCHANGED_MANY_SQL.as_str())
-        .bind(ids)
-        .bind(tokens)
-        .bind(logs)
-        .fetch_all(&mut *conn)
-        .await
+    let rows = items
+        .filter_map(|(fence, t)| match t {
+            Transition::Unchanged { log } => Some((*fence, vec![Some(log.clone())])),
+            _ => None,
+        })
+        .collect();
+    write_fenced(conn, &UNCHANGED_MANY_SQL, rows).await
 }
 
-static UNCHANGED_MANY_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
-        "WITH c AS MATERIALIZED (
-             SELECT n.id, n.status AS old_status, n.required AS old_required, x.log
-             FROM unnest($1::int8[], $2::uuid[], $3::text[]) AS x(id, token, log)
-             JOIN pack_environment_node n ON n.id = x.id AND n.claim_token = x.token
-             FOR UPDATE OF n),
-         u AS (
-             UPDATE pack_environment_node n
-             SET status = 'ready', required = true, built_generation = n.generation,
-                 install_log = c.log, install_error = NULL, last_verified = now(),
-                 last_verify_result = NULL, skip_if_current = false,
-                 claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated = now()
-             FROM c WHERE n.id = c.id
-             RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status,
-                       c.old_required, n.env_path, n.install_log, n.install_error, n.attempts,
-                       n.last_verified),
-         {p}
-         SELECT id FROM u",
-        p = parents_cte(
-            &format!(
-                "{MIRROR_DONE}, install_log = u.install_log,
-                 last_verified = u.last_verified, last_verify_result = NULL,
-                 skip_if_current = false"
-            ),
-            Some("NULL")
-        )
+static UNCHANGED_MANY_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
+    fenced_batch_sql(
+        &["log"],
+        "status = 'ready', required = true, built_generation = n.generation,
+         install_log = c.log, install_error = NULL, last_verified = now(),
+         last_verify_result = NULL, skip_if_current = false",
+        "n.env_path, n.install_log, n.install_error, n.attempts, n.last_verified",
+        &format!(
+            "{MIRROR_DONE}, install_log = u.install_log,
+             last_verified = u.last_verified, last_verify_result = NULL,
+             skip_if_current = false"
+        ),
     )
 });
 
@@ -306,70 +284,146 @@ async fn write_ready<'a>(
     conn: &mut PgConnection,
     items: impl Iterator<Item = &'a (Fence, Transition)>,
 ) -> Result<Vec<i64>, sqlx::Error> {
-    let (mut ids, mut tokens, mut paths, mut logs, mut metadata, mut fingerprints) =
-        (vec![], vec![], vec![], vec![], vec![], vec![]);
-    for (fence, t) in items {
-        if let Transition::Ready {
-            env_path,
-            metadata: m,
-            fingerprint,
-            log,
-        } = t
-        {
-            ids.push(fence.id);
-            tokens.push(fence.token);
-            paths.push(env_path.clone());
-            logs.push(log.clone());
-            metadata.push(m.to_string());
-            fingerprints.push(fingerprint.clone());
-        }
-    }
-    sqlx::query_scalar(WRITE_READY_SQL.as_str())
-        .bind(ids)
-        .bind(tokens)
-        .bind(paths)
-        .bind(logs)
-        .bind(metadata)
-        .bind(fingerprints)
-        .fetch_all(&mut *conn)
-        .await
+    let rows = items
+        .filter_map(|(fence, t)| match t {
+            Transition::Ready {
+                env_path,
+                metadata,
+                fingerprint,
+                log,
+            } => Some((
+                *fence,
+                vec![
+                    env_path.clone(),
+                    Some(log.clone()),
+                    Some(metadata.to_string()),
+                    fingerprint.clone(),
+                ],
+            )),
+            _ => None,
+        })
+        .collect();
+    write_fenced(conn, &WRITE_READY_SQL, rows).await
 }
 
 /// `ready`, for many builds at once, each fenced by its own token. A catch-up row becomes
-/// required once ready: from now on the parent counts it. Public for the test of its plan.
-pub static WRITE_READY_SQL: LazyLock<String> = LazyLock::new(|| {
-    format!(
+/// required once ready: from now on the parent counts it. Public for the test of its plans.
+pub static WRITE_READY_SQL: LazyLock<[String; 2]> = LazyLock::new(|| {
+    fenced_batch_sql(
+        &["env_path", "log", "metadata", "fingerprint"],
+        "status = 'ready', required = true, built_generation = n.generation,
+         env_path = c.env_path, install_log = c.log, metadata = c.metadata::jsonb,
+         fingerprint = c.fingerprint, install_error = NULL, installed_at = now(),
+         last_verified = now(), last_verify_result = NULL, skip_if_current = false",
+        "n.env_path, n.install_log, n.metadata, n.fingerprint, n.install_error,
+         n.installed_at, n.last_verified, n.attempts",
+        &format!(
+            "{MIRROR_DONE}, install_log = u.install_log, metadata = u.metadata,
+             fingerprint = u.fingerprint, installed_at = u.installed_at,
+             last_verified = u.last_verified, last_verify_result = NULL,
+             skip_if_current = false"
+        ),
+    )
+});
+
+/// A batch write-back of claimed rows, each fenced by its own token (`$1` ids, `$2` tokens,
+/// then a text array per name in `inputs`, which `set` reads as `c.<name>`): `set` on the
+/// node rows, `mirror` on their parents, the parents' counts moved; returns the ids written.
+/// `returning` lists what `mirror` reads of the node rows besides the summary's columns.
+///
+/// Two statements. The first is for the common case, a row its parent counts as
+/// `installing`: its WHERE says so, and PostgreSQL checks the WHERE again on a row's newest
+/// version before updating it, so what the parent counted is known without reading the row
+/// first. The second locks each row to read what its parent counts, for the rest: a row that
+/// stopped counting while it was built (its node was gone for a while), or a claim lost.
+fn fenced_batch_sql(inputs: &[&str], set: &str, returning: &str, mirror: &str) -> [String; 2] {
+    let arrays = (0..inputs.len() + 2)
+        .map(|i| match i {
+            0 => "$1::int8[]".to_string(),
+            1 => "$2::uuid[]".to_string(),
+            i => format!("${}::text[]", i + 1),
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    let names = inputs.join(", ");
+    let p = parents_cte(mirror, Some("NULL"));
+    let counted = format!(
+        "WITH u AS (
+             UPDATE pack_environment_node n
+             SET {set}, claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
+                 updated = now()
+             FROM unnest({arrays}) AS c(id, token, {names})
+             WHERE n.id = c.id AND n.claim_token = c.token
+               AND n.status = 'installing' AND n.required
+             RETURNING n.id, n.env_id, n.node, n.status, n.required,
+                       'installing'::pack_environment_status_enum AS old_status,
+                       true AS old_required, {returning}),
+         {p}
+         SELECT id FROM u"
+    );
+    let any = format!(
         "WITH c AS MATERIALIZED (
-             SELECT n.id, n.status AS old_status, n.required AS old_required,
-                    x.env_path, x.log, x.metadata, x.fingerprint
-             FROM unnest($1::int8[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::text[])
-                  AS x(id, token, env_path, log, metadata, fingerprint)
+             SELECT n.id, n.status AS old_status, n.required AS old_required, {x_names}
+             FROM unnest({arrays}) AS x(id, token, {names})
              JOIN pack_environment_node n ON n.id = x.id AND n.claim_token = x.token
              FOR UPDATE OF n),
          u AS (
              UPDATE pack_environment_node n
-             SET status = 'ready', required = true, built_generation = n.generation,
-                 env_path = c.env_path, install_log = c.log, metadata = c.metadata::jsonb,
-                 fingerprint = c.fingerprint, install_error = NULL, installed_at = now(),
-                 last_verified = now(), last_verify_result = NULL, skip_if_current = false,
-                 claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated = now()
+             SET {set}, claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
+                 updated = now()
              FROM c WHERE n.id = c.id
              RETURNING n.id, n.env_id, n.node, n.status, n.required, c.old_status,
-                       c.old_required, n.env_path, n.install_log, n.metadata, n.fingerprint,
-                       n.install_error, n.installed_at, n.last_verified, n.attempts),
+                       c.old_required, {returning}),
          {p}
          SELECT id FROM u",
-        p = parents_cte(
-            &format!(
-                "{MIRROR_DONE}, install_log = u.install_log, metadata = u.metadata,
-                 fingerprint = u.fingerprint, installed_at = u.installed_at,
-                 last_verified = u.last_verified, last_verify_result = NULL,
-                 skip_if_current = false"
-            ),
-            Some("NULL")
-        )
-    )
-});
+        x_names = inputs
+            .iter()
+            .map(|n| format!("x.{n}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+    );
+    [counted, any]
+}
+
+/// Runs the statements of [`fenced_batch_sql`]: the first for every row, the second for the
+/// rows the first did not write.
+async fn write_fenced(
+    conn: &mut PgConnection,
+    sql: &[String; 2],
+    rows: Vec<(Fence, Vec<Option<String>>)>,
+) -> Result<Vec<i64>, sqlx::Error> {
+    async fn run(
+        conn: &mut PgConnection,
+        sql: &str,
+        rows: &[&(Fence, Vec<Option<String>>)],
+    ) -> Result<Vec<i64>, sqlx::Error> {
+        let width = rows.first().map_or(0, |(_, cols)| cols.len());
+        let mut q = sqlx::query_scalar(sql)
+            .bind(rows.iter().map(|(f, _)| f.id).collect::<Vec<i64>>())
+            .bind(rows.iter().map(|(f, _)| f.token).collect::<Vec<Uuid>>());
+        for i in 0..width {
+            q = q.bind(
+                rows.iter()
+                    .map(|(_, cols)| cols[i].clone())
+                    .collect::<Vec<Option<String>>>(),
+            );
+        }
+        q.fetch_all(&mut *conn).await
+    }
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let all: Vec<&(Fence, Vec<Option<String>>)> = rows.iter().collect();
+    let mut written = run(conn, &sql[0], &all).await?;
+    let rest: Vec<&(Fence, Vec<Option<String>>)> = rows
+        .iter()
+        .filter(|(f, _)| !written.contains(&f.id))
+        .collect();
+    if !rest.is_empty() {
+        written.extend(run(conn, &sql[1], &rest).await?);
+    }
+    Ok(written)
+}
 
 /// What every finished build mirrors to its parent: the claim is over, and where the build is.
 const MIRROR_DONE: &str = ", claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL,
