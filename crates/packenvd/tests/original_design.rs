@@ -495,7 +495,12 @@ async fn a_database_at_the_deployed_migrations_takes_the_new_ones_out_of_order_a
     let runtime_defaults = defaults().await;
     assert_eq!(
         packenvd::store::unapplied_migrations(&pool).await.unwrap(),
-        [20261127000000, 20261127000006, 20261127000007]
+        [
+            20261127000000,
+            20261127000006,
+            20261127000007,
+            20261127000008
+        ]
     );
 
     packenvd::store::MIGRATOR.run(&pool).await.unwrap();
@@ -518,7 +523,8 @@ async fn a_database_at_the_deployed_migrations_takes_the_new_ones_out_of_order_a
             20261127000003,
             20261127000005,
             20261127000006,
-            20261127000007
+            20261127000007,
+            20261127000008
         ]
     );
     // Nothing of packenvd's own schema or rows changed: the platform-schemas migration found

@@ -586,3 +586,65 @@ async fn claim_all(pool: &PgPool) -> Vec<store::Claim> {
     .await
     .unwrap()
 }
+
+/// Whoever waits for an environment hears once when it becomes ready or failed: from the
+/// write-back's own statement, and from the parent's trigger when someone else sets the status.
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_parent_that_becomes_ready_or_failed_notifies_once(pool: PgPool) {
+    register_node(&pool, "/envs").await;
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    let mut ids = Vec::new();
+    for p in ["good", "bad"] {
+        add_pack(&pool, p).await;
+        ids.push(request(&pool, p, "t.noop").await);
+    }
+    let claims = claim_all(&pool).await;
+    let fence = |env_id: i64| {
+        claims
+            .iter()
+            .find(|c| c.row.env_id == env_id)
+            .unwrap()
+            .fence
+    };
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("pack_environment_status").await.unwrap();
+    let mut conn = pool.acquire().await.unwrap();
+    let ready = store::Transition::Ready {
+        env_path: None,
+        metadata: serde_json::json!({}),
+        fingerprint: None,
+        log: String::new(),
+    };
+    let failed = store::Transition::Failed {
+        error: "broken".into(),
+        log: String::new(),
+    };
+    let written = store::finish_all(
+        &mut conn,
+        &[(fence(ids[0]), ready), (fence(ids[1]), failed)],
+    )
+    .await
+    .unwrap();
+    assert_eq!(written, [true, true]);
+    // Someone else's write: the platform marks the good one failed itself.
+    sqlx::query("UPDATE pack_environment SET status = 'failed' WHERE id = $1")
+        .bind(ids[0])
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    let mut heard = Vec::new();
+    while let Ok(note) = tokio::time::timeout(Duration::from_millis(500), listener.recv()).await {
+        heard.push(note.unwrap().payload().to_string());
+    }
+    heard.sort();
+    let mut expected = vec![
+        format!("{} ready", ids[0]),
+        format!("{} failed", ids[1]),
+        format!("{} failed", ids[0]),
+    ];
+    expected.sort();
+    assert_eq!(heard, expected);
+}

@@ -136,7 +136,10 @@ pub async fn catch_up(pool: &PgPool, node: &str) -> Result<u64, sqlx::Error> {
         .bind(node)
         .fetch_one(pool)
         .await?;
-    sqlx::query(WITHDRAW_SQL).bind(node).execute(pool).await?;
+    sqlx::query(WITHDRAW_SQL.as_str())
+        .bind(node)
+        .execute(pool)
+        .await?;
     Ok((changed + added) as u64)
 }
 
@@ -145,36 +148,50 @@ pub async fn catch_up(pool: &PgPool, node: &str) -> Result<u64, sqlx::Error> {
 /// build it, they are withdrawn (unless a build of theirs runs), so a failure there for want of
 /// a command no longer holds the environment back. Several rows of one parent may go, so the
 /// counts move by aggregate here, not through `parents_cte`.
-const WITHDRAW_SQL: &str = "
-    WITH c AS MATERIALIZED (
-        SELECT n.id
-        FROM pack_environment_node n
-        JOIN pack_environment pe ON pe.id = n.env_id
-        JOIN packenvd_node nd ON nd.name = n.node
-        JOIN packenvd_node me ON me.name = $1
-        WHERE n.node <> $1 AND n.status IN ('pending', 'outdated', 'failed')
-          AND (nd.runtimes -> pe.runtime_ref ->> 'buildable')::boolean = false
-          AND packenvd_node_builds(me, pe.runtime_ref)
-        FOR UPDATE OF n SKIP LOCKED),
-    d AS (
-        DELETE FROM pack_environment_node n USING c WHERE n.id = c.id
-        RETURNING n.env_id, n.status, n.required),
-    agg AS (
-        SELECT env_id,
-               count(*) FILTER (WHERE required AND status = 'pending') AS pending,
-               count(*) FILTER (WHERE required AND status = 'failed') AS failed,
-               count(*) FILTER (WHERE required AND status = 'outdated') AS outdated
-        FROM d GROUP BY env_id)
-    UPDATE pack_environment pe
-    SET nodes_pending = pe.nodes_pending - agg.pending,
-        nodes_failed = pe.nodes_failed - agg.failed,
-        nodes_outdated = pe.nodes_outdated - agg.outdated,
-        status = pack_environment_summary((pe.nodes_pending - agg.pending)::int,
-            pe.nodes_installing, pe.nodes_ready, (pe.nodes_failed - agg.failed)::int,
-            (pe.nodes_outdated - agg.outdated)::int, pe.status),
-        summary_seq = pe.summary_seq + 1,
-        updated = now()
-    FROM agg WHERE pe.id = agg.env_id";
+static WITHDRAW_SQL: LazyLock<String> = LazyLock::new(|| {
+    format!(
+        "WITH c AS MATERIALIZED (
+             SELECT n.id
+             FROM pack_environment_node n
+             JOIN pack_environment pe ON pe.id = n.env_id
+             JOIN packenvd_node nd ON nd.name = n.node
+             JOIN packenvd_node me ON me.name = $1
+             WHERE n.node <> $1 AND n.status IN ('pending', 'outdated', 'failed')
+               AND (nd.runtimes -> pe.runtime_ref ->> 'buildable')::boolean = false
+               AND packenvd_node_builds(me, pe.runtime_ref)
+             FOR UPDATE OF n SKIP LOCKED),
+         d AS (
+             DELETE FROM pack_environment_node n USING c WHERE n.id = c.id
+             RETURNING n.env_id, n.status, n.required),
+         agg AS (
+             SELECT env_id,
+                    count(*) FILTER (WHERE required AND status = 'pending') AS pending,
+                    count(*) FILTER (WHERE required AND status = 'failed') AS failed,
+                    count(*) FILTER (WHERE required AND status = 'outdated') AS outdated
+             FROM d GROUP BY env_id)
+         UPDATE pack_environment pe
+         SET nodes_pending = pe.nodes_pending - agg.pending,
+             nodes_failed = pe.nodes_failed - agg.failed,
+             nodes_outdated = pe.nodes_outdated - agg.outdated,
+             status = pack_environment_summary((pe.nodes_pending - agg.pending)::int,
+                 pe.nodes_installing, pe.nodes_ready, (pe.nodes_failed - agg.failed)::int,
+                 (pe.nodes_outdated - agg.outdated)::int, pe.status),
+             summary_seq = pe.summary_seq + 1,
+             updated = now()
+         FROM agg WHERE pe.id = agg.env_id
+         RETURNING {notified}",
+        notified = super::summary::notify_finished(
+            [
+                "pe.nodes_pending + agg.pending",
+                "pe.nodes_installing",
+                "pe.nodes_ready",
+                "pe.nodes_failed + agg.failed",
+                "pe.nodes_outdated + agg.outdated",
+            ]
+            .map(|c| format!("({c})::int"))
+        )
+    )
+});
 
 static RECONCILE_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(

@@ -47,7 +47,28 @@ pub(super) fn parents_cte(mirror: &str, error: Option<&str>) -> String {
              updated = now(),
              last_node = u.node {mirror}{error}
            FROM u WHERE pe.id = u.env_id
-           RETURNING pe.id)"
+           RETURNING pe.id, {notified})",
+        notified = notify_finished(
+            ["pending", "installing", "ready", "failed", "outdated"]
+                .map(|status| format!("pe.nodes_{status} - {}", delta(status)))
+        )
+    )
+}
+
+/// For the RETURNING of a statement that moves parents' summaries: tells whoever waits for an
+/// environment (the client's `ensure`, on channel `pack_environment_status`, payload
+/// "<id> <status>") that its parent became ready or failed. `before` are the parent's counts
+/// before the statement (pending, installing, ready, failed, outdated), whose summary is the
+/// status it had; a parent that counted nothing notifies. The statements do this themselves
+/// rather than through a trigger per row, which cost more than the notification; the parent's
+/// trigger notifies for the writes of others only (migration 8).
+pub(super) fn notify_finished(before: [String; 5]) -> String {
+    format!(
+        "CASE WHEN pe.status IN ('ready', 'failed')
+                   AND pe.status IS DISTINCT FROM pack_environment_summary({}, NULL)
+              THEN pg_notify('pack_environment_status', pe.id || ' ' || pe.status) END
+         AS notified",
+        before.join(", ")
     )
 }
 
