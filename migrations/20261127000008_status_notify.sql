@@ -3,15 +3,113 @@
 -- packenvd's statements that moves a parent's summary (it bumps summary_seq) notifies in its
 -- own RETURNING when the parent becomes ready or failed: store/summary.rs, the withdrawal in
 -- store/nodes.rs, and the recount below. On the queue's path the trigger's PL/pgSQL call and
--- queued event cost more than the notification itself. The trigger stays for the writes of
--- everyone else (a platform or an operator that sets the status itself).
+-- queued event cost more than the notification itself. A trigger still notifies for the writes
+-- of everyone else (a platform or an operator that sets the status itself).
+--
+-- PostgreSQL also prepares the WHEN of every row trigger on a table again for each statement
+-- that updates a row of it, fired or not, so the parent keeps one BEFORE and one AFTER UPDATE
+-- trigger, each filtered to the writes of others: the status notification joins the fan-out
+-- (both follow a platform's write), and filling in NULLs joins the BEFORE trigger (packenvd's
+-- writes never write NULL there).
 DROP TRIGGER IF EXISTS pack_environment_status_notify ON pack_environment;
-CREATE TRIGGER pack_environment_status_notify
+DROP TRIGGER IF EXISTS pack_environment_fill_nulls ON pack_environment;
+DROP TRIGGER IF EXISTS pack_environment_fan_out ON pack_environment;
+
+CREATE OR REPLACE FUNCTION pack_environment_before_write() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_request BOOLEAN := coalesce(current_setting('packenvd.request', true), '') = 'on';
+BEGIN
+    IF TG_OP = 'INSERT' THEN
+        IF NEW.pack_ref IS NULL THEN
+            SELECT ref INTO NEW.pack_ref FROM pack WHERE id = NEW.pack;
+        END IF;
+        IF NEW.runtime_ref IS NULL THEN
+            SELECT ref INTO NEW.runtime_ref FROM runtime WHERE id = NEW.runtime;
+        END IF;
+        NEW.skip_if_current := false;
+        NEW.env_path_by_packenvd := false;
+    ELSIF NEW.summary_seq IS DISTINCT FROM OLD.summary_seq THEN
+        NEW.status := pack_environment_summary(NEW.nodes_pending, NEW.nodes_installing,
+            NEW.nodes_ready, NEW.nodes_failed, NEW.nodes_outdated, OLD.status);
+        IF NEW.status = 'failed' AND NEW.install_error IS NULL THEN
+            NEW.install_error := OLD.install_error;
+        END IF;
+    ELSE
+        IF NEW.status IN ('pending', 'outdated') AND OLD.status IS DISTINCT FROM NEW.status THEN
+            -- A request (request_pack_environment) may be answered by a node's current build;
+            -- any other way to pending or outdated rebuilds from scratch, everywhere.
+            NEW.generation := OLD.generation + 1;
+            IF NOT v_request THEN
+                NEW.forced_generation := NEW.generation;
+            END IF;
+            NEW.skip_if_current := v_request;
+            NEW.attempts := 0;
+            NEW.run_after := now();
+            NEW.claimed_by := NULL;
+            NEW.claim_token := NULL;
+            NEW.lease_expires_at := NULL;
+        END IF;
+        IF NEW.env_path IS DISTINCT FROM OLD.env_path THEN
+            NEW.env_path_by_packenvd := false;
+        END IF;
+    END IF;
+    -- What the original design's columns may leave NULL (its platform inserts and updates
+    -- without them).
+    NEW.metadata := coalesce(NEW.metadata, '{}');
+    NEW.created := coalesce(NEW.created, now());
+    NEW.updated := now();
+    RETURN NEW;
+END $$;
+
+-- After a write of the platform's: tells waiters the environment became ready or failed, and
+-- for a request, reset or pack update (a new generation) fans it out to the nodes. Whether any
+-- live node builds the runtime is asked once per environment, not once per node row.
+CREATE OR REPLACE FUNCTION pack_environment_fan_out() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_any_builds BOOLEAN;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        IF OLD.status IS DISTINCT FROM NEW.status AND NEW.status IN ('ready', 'failed') THEN
+            PERFORM pg_notify('pack_environment_status', NEW.id || ' ' || NEW.status);
+        END IF;
+        IF NEW.generation IS NOT DISTINCT FROM OLD.generation THEN
+            RETURN NULL;
+        END IF;
+    END IF;
+    v_any_builds := EXISTS (SELECT 1 FROM packenvd_node o
+                            WHERE packenvd_node_builds(o, NEW.runtime_ref));
+    IF TG_OP = 'UPDATE' THEN
+        UPDATE pack_environment_node n
+        SET status = NEW.status, required = true, generation = NEW.generation,
+            skip_if_current = NEW.skip_if_current, attempts = 0, run_after = now(),
+            -- Where the platform names the place, every node builds there.
+            env_path = CASE WHEN NEW.env_path IS NOT NULL AND NOT NEW.env_path_by_packenvd
+                            THEN NEW.env_path ELSE n.env_path END,
+            claimed_by = NULL, claim_token = NULL, lease_expires_at = NULL, updated = now()
+        FROM packenvd_node nd
+        WHERE n.env_id = NEW.id AND nd.name = n.node
+          AND NOT nd.gone AND nd.last_seen + nd.ttl >= now()
+          AND (NOT v_any_builds OR packenvd_node_builds(nd, NEW.runtime_ref));
+    END IF;
+    INSERT INTO pack_environment_node (env_id, node, status, required, generation, skip_if_current)
+    SELECT NEW.id, nd.name, NEW.status, true, NEW.generation, NEW.skip_if_current
+    FROM packenvd_node nd
+    WHERE NOT nd.gone AND nd.last_seen + nd.ttl >= now()
+      AND (NOT v_any_builds OR packenvd_node_builds(nd, NEW.runtime_ref))
+    ON CONFLICT (env_id, node) DO NOTHING;
+    PERFORM pack_environment_recount(NEW.id);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER pack_environment_fan_out
     AFTER UPDATE ON pack_environment
-    FOR EACH ROW
-    WHEN (OLD.status IS DISTINCT FROM NEW.status AND NEW.status IN ('ready', 'failed')
-          AND NEW.summary_seq IS NOT DISTINCT FROM OLD.summary_seq)
-    EXECUTE FUNCTION pack_environment_status_notify();
+    FOR EACH ROW WHEN (NEW.summary_seq IS NOT DISTINCT FROM OLD.summary_seq
+                       AND (NEW.generation IS DISTINCT FROM OLD.generation
+                            OR (OLD.status IS DISTINCT FROM NEW.status
+                                AND NEW.status IN ('ready', 'failed'))))
+    EXECUTE FUNCTION pack_environment_fan_out();
 
 CREATE OR REPLACE FUNCTION pack_environment_recount(p_env_id BIGINT)
 RETURNS VOID
@@ -46,5 +144,6 @@ BEGIN
 END $$;
 
 -- CREATE OR REPLACE resets these (as in the summary-cost migration).
+ALTER FUNCTION pack_environment_fan_out() SECURITY DEFINER SET search_path FROM CURRENT;
 ALTER FUNCTION pack_environment_recount(BIGINT) SECURITY DEFINER SET search_path FROM CURRENT;
 REVOKE EXECUTE ON FUNCTION pack_environment_recount(BIGINT) FROM PUBLIC;

@@ -1,12 +1,14 @@
 //! The summary side of every statement that changes node rows (DESIGN §8): the parent's counts
 //! of required node rows by status change by the difference the statement made, in the same
 //! statement, so the summary costs O(1) per node write, never a recount of the parent's node
-//! rows. The parent's trigger derives its status from the counts when `summary_seq` moves.
+//! rows. The statement derives the parent's status from the new counts itself.
 //!
 //! A statement that uses it has a CTE `u` returning, per changed node row: `env_id`, `node`,
 //! `status`, `required`, `old_status`, `old_required` (NULL for a row it inserted), and the
 //! columns its mirror reads. One statement changes at most one node row per parent (a daemon
 //! writes only its own node's rows), which is what `UPDATE ... FROM u` needs.
+
+const STATUSES: [&str; 5] = ["pending", "installing", "ready", "failed", "outdated"];
 
 /// `+1`/`-1`/`0`: how a changed row moves the count of `status`.
 fn delta(status: &str) -> String {
@@ -16,17 +18,23 @@ fn delta(status: &str) -> String {
     )
 }
 
-/// The CTE `p` that applies `u`'s changes to the parents, with `mirror` (`, col = expr, ...`)
+/// The CTEs that apply `u`'s changes to the parents: `d`, `u` with each count's difference
+/// (`d_pending`, ...), and `p`, the parents' UPDATE, with `mirror` (`, col = expr, ...`)
 /// copying what the platform reads on a single host from the node row to its parent, and
-/// `error` the parent's new `install_error` (None: unchanged).
+/// `error` the parent's new `install_error` (None: unchanged). The differences are worked out
+/// once per row in `d` (MATERIALIZED, so the planner does not fold them back): the counts, the
+/// status, the kept error and the notification all read them, and PostgreSQL prepares every
+/// expression of a statement each time it runs it.
 ///
 /// The status is derived here from the new counts, and a failed parent keeps its error when
 /// the write brings none (a node ready beside a failed one), as the parent's BEFORE trigger
 /// did: that trigger now runs for the platform's writes only, so the queue's statements call
 /// no PL/pgSQL and prepare no trigger condition that needs planning.
 pub(super) fn parents_cte(mirror: &str, error: Option<&str>) -> String {
-    let [p, i, r, f, o] = ["pending", "installing", "ready", "failed", "outdated"]
-        .map(|status| format!("pe.nodes_{status} + {}", delta(status)));
+    let [p, i, r, f, o] = STATUSES.map(|status| format!("pe.nodes_{status} + u.d_{status}"));
+    let differences = STATUSES
+        .map(|status| format!("{} AS d_{status}", delta(status)))
+        .join(",\n                    ");
     let status = format!("pack_environment_summary({p}, {i}, {r}, {f}, {o}, pe.status)");
     let error = error.map_or_else(String::new, |e| {
         format!(
@@ -35,7 +43,10 @@ pub(super) fn parents_cte(mirror: &str, error: Option<&str>) -> String {
         )
     });
     format!(
-        "p AS (
+        "d AS MATERIALIZED (
+           SELECT u.*, {differences}
+           FROM u),
+         p AS (
            UPDATE pack_environment pe SET
              nodes_pending = {p},
              nodes_installing = {i},
@@ -46,12 +57,10 @@ pub(super) fn parents_cte(mirror: &str, error: Option<&str>) -> String {
              summary_seq = pe.summary_seq + 1,
              updated = now(),
              last_node = u.node {mirror}{error}
-           FROM u WHERE pe.id = u.env_id
+           FROM d AS u WHERE pe.id = u.env_id
            RETURNING pe.id, {notified})",
-        notified = notify_finished(
-            ["pending", "installing", "ready", "failed", "outdated"]
-                .map(|status| format!("pe.nodes_{status} - {}", delta(status)))
-        )
+        notified =
+            notify_finished(STATUSES.map(|status| format!("pe.nodes_{status} - u.d_{status}")))
     )
 }
 
