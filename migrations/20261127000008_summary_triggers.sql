@@ -147,3 +147,9 @@ END $$;
 ALTER FUNCTION pack_environment_fan_out() SECURITY DEFINER SET search_path FROM CURRENT;
 ALTER FUNCTION pack_environment_recount(BIGINT) SECURITY DEFINER SET search_path FROM CURRENT;
 REVOKE EXECUTE ON FUNCTION pack_environment_recount(BIGINT) FROM PUBLIC;
+
+-- Every claim and write-back moves a node row between the partial indexes, so each index on
+-- the node rows costs an insert per state change. This one served only reads of all of a
+-- node's rows whatever their status (operator commands, a node's start or withdrawal), which
+-- are rare and may read the table whole; what the daemon reads per row has its own index.
+DROP INDEX IF EXISTS pack_environment_node_node_idx;
