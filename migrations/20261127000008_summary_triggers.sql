@@ -153,3 +153,15 @@ REVOKE EXECUTE ON FUNCTION pack_environment_recount(BIGINT) FROM PUBLIC;
 -- node's rows whatever their status (operator commands, a node's start or withdrawal), which
 -- are rare and may read the table whole; what the daemon reads per row has its own index.
 DROP INDEX IF EXISTS pack_environment_node_node_idx;
+
+-- The daemons' wake-up, for the writes that make a node row claimable. Each of them sets
+-- run_after (when the row may be claimed: the fan-out, a rebuild, a retry or hand-back, a
+-- rescue, a failed verification, a missing build, a node's start), so the trigger names only
+-- that column, and the claim and the write-back of a ready build, which do not set it, no
+-- longer prepare its WHEN. An UPDATE of a node row by hand that leaves run_after out is
+-- picked up at the next poll.
+DROP TRIGGER IF EXISTS pack_environment_node_notify ON pack_environment_node;
+CREATE TRIGGER pack_environment_node_notify
+    AFTER INSERT OR UPDATE OF run_after ON pack_environment_node
+    FOR EACH ROW WHEN (NEW.status IN ('pending', 'outdated'))
+    EXECUTE FUNCTION pack_environment_node_notify();

@@ -648,3 +648,69 @@ async fn a_parent_that_becomes_ready_or_failed_notifies_once(pool: PgPool) {
     expected.sort();
     assert_eq!(heard, expected);
 }
+
+/// The daemons' wake-up names only `run_after`: every write that makes a node row claimable
+/// sets it, including the two a daemon makes itself, a retry and a failed verification.
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_retry_and_a_failed_verification_wake_the_node(pool: PgPool) {
+    register_node(&pool, "/envs").await;
+    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
+    let mut ids = Vec::new();
+    for p in ["retried", "verified"] {
+        add_pack(&pool, p).await;
+        ids.push(request(&pool, p, "t.noop").await);
+    }
+    let claims = claim_all(&pool).await;
+    let fence = |env_id: i64| {
+        claims
+            .iter()
+            .find(|c| c.row.env_id == env_id)
+            .unwrap()
+            .fence
+    };
+    let mut conn = pool.acquire().await.unwrap();
+    let ready = store::Transition::Ready {
+        env_path: None,
+        metadata: serde_json::json!({}),
+        fingerprint: None,
+        log: String::new(),
+    };
+    let written = store::finish_all(&mut conn, &[(fence(ids[1]), ready)])
+        .await
+        .unwrap();
+    assert_eq!(written, [true]);
+    let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
+        .await
+        .unwrap();
+    listener.listen("packenvd_wakeup").await.unwrap();
+    async fn heard(listener: &mut sqlx::postgres::PgListener) -> String {
+        tokio::time::timeout(Duration::from_secs(5), listener.recv())
+            .await
+            .expect("a wake-up")
+            .unwrap()
+            .payload()
+            .to_string()
+    }
+
+    let retry = store::Transition::Retry {
+        after: Duration::ZERO,
+        error: "flaky".into(),
+        log: String::new(),
+    };
+    assert!(store::finish(&pool, fence(ids[0]), retry).await.unwrap());
+    assert_eq!(heard(&mut listener).await, node_name());
+
+    let (node_row, checked_at): (i64, chrono::DateTime<chrono::Utc>) =
+        sqlx::query_as("SELECT id, last_verified FROM pack_environment_node WHERE env_id = $1")
+            .bind(ids[1])
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert!(
+        store::finish_verification(&pool, node_row, checked_at, Some("python is gone"))
+            .await
+            .unwrap()
+    );
+    assert_eq!(heard(&mut listener).await, node_name());
+    assert_eq!(status_of(&pool, ids[1]).await, "outdated");
+}

@@ -126,6 +126,7 @@ static FINISH_VERIFICATION_SQL: LazyLock<String> = LazyLock::new(|| {
              SET last_verify_result = coalesce($3, 'ok'),
                  status = CASE WHEN $3 IS NULL THEN n.status ELSE 'outdated' END,
                  skip_if_current = CASE WHEN $3 IS NULL THEN n.skip_if_current ELSE false END,
+                 run_after = CASE WHEN $3 IS NULL THEN n.run_after ELSE now() END,
                  install_error = CASE WHEN $3 IS NULL THEN NULL
                                       ELSE 'verification failed: ' || $3 END,
                  updated = now()
