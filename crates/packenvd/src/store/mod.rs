@@ -32,6 +32,7 @@ mod queue;
 mod summary;
 mod verify;
 mod watch;
+mod write_back;
 
 use std::time::Duration;
 
@@ -48,6 +49,7 @@ pub use nodes::*;
 pub use queue::*;
 pub use verify::*;
 pub use watch::*;
+pub use write_back::*;
 
 /// Migrations embedded from the workspace's `migrations/` directory. Versions in
 /// `_sqlx_migrations` that are not ours are ignored: a platform that migrates its own schema
