@@ -29,13 +29,9 @@ BEGIN
         END IF;
         NEW.skip_if_current := false;
         NEW.env_path_by_packenvd := false;
-    ELSIF NEW.summary_seq IS DISTINCT FROM OLD.summary_seq THEN
-        NEW.status := pack_environment_summary(NEW.nodes_pending, NEW.nodes_installing,
-            NEW.nodes_ready, NEW.nodes_failed, NEW.nodes_outdated, OLD.status);
-        IF NEW.status = 'failed' AND NEW.install_error IS NULL THEN
-            NEW.install_error := OLD.install_error;
-        END IF;
     ELSE
+        -- An UPDATE of the platform's: packenvd's own writes (they move summary_seq) derive
+        -- the status themselves and are left out by the trigger's WHEN.
         IF NEW.status IN ('pending', 'outdated') AND OLD.status IS DISTINCT FROM NEW.status THEN
             -- A request (request_pack_environment) may be answered by a node's current build;
             -- any other way to pending or outdated rebuilds from scratch, everywhere.

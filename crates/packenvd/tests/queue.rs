@@ -503,22 +503,9 @@ async fn the_daemons_plans_stay_lookups_by_key_on_a_large_analyzed_queue(pool: P
 async fn a_batch_write_back_keeps_the_counts_whether_the_parent_counted_the_build_or_not(
     pool: PgPool,
 ) {
-    register_node(&pool, "/envs").await;
-    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
-    for p in ["counted", "uncounted", "lost"] {
-        add_pack(&pool, p).await;
-        request(&pool, p, "t.noop").await;
-    }
-    let claims = claim_all(&pool).await;
-    assert_eq!(claims.len(), 3);
-    let by_pack = |p: &str| {
-        claims
-            .iter()
-            .find(|c| c.row.pack_ref == p)
-            .expect("claimed")
-            .clone()
-    };
-    let (counted, uncounted, lost) = (by_pack("counted"), by_pack("uncounted"), by_pack("lost"));
+    let [counted, uncounted, lost] =
+        <[store::Claim; 3]>::try_from(claimed(&pool, &["counted", "uncounted", "lost"]).await)
+            .unwrap();
     // What a gone node's withdrawal does to one row it was building.
     sqlx::query("UPDATE pack_environment_node SET required = false WHERE id = $1")
         .bind(uncounted.fence.id)
@@ -530,12 +517,6 @@ async fn a_batch_write_back_keeps_the_counts_whether_the_parent_counted_the_buil
         .execute(&pool)
         .await
         .unwrap();
-    let ready = || store::Transition::Ready {
-        env_path: None,
-        metadata: serde_json::json!({}),
-        fingerprint: None,
-        log: "built".into(),
-    };
     let stale = store::Fence {
         id: lost.fence.id,
         token: uuid::Uuid::new_v4(),
@@ -544,9 +525,9 @@ async fn a_batch_write_back_keeps_the_counts_whether_the_parent_counted_the_buil
     let written = store::finish_all(
         &mut conn,
         &[
-            (counted.fence, ready()),
-            (uncounted.fence, ready()),
-            (stale, ready()),
+            (counted.fence, built()),
+            (uncounted.fence, built()),
+            (stale, built()),
         ],
     )
     .await
@@ -574,8 +555,16 @@ async fn a_batch_write_back_keeps_the_counts_whether_the_parent_counted_the_buil
     );
 }
 
-async fn claim_all(pool: &PgPool) -> Vec<store::Claim> {
-    store::claim(
+/// Requests a t.noop environment for each of `packs` on the tests' node and claims them all;
+/// returns the claims in the order of `packs`.
+async fn claimed(pool: &PgPool, packs: &[&str]) -> Vec<store::Claim> {
+    register_node(pool, "/envs").await;
+    add_runtime(pool, "t.noop", shell_runtime("true")).await;
+    for p in packs {
+        add_pack(pool, p).await;
+        request(pool, p, "t.noop").await;
+    }
+    let claims = store::claim(
         pool,
         &node_name(),
         "i",
@@ -584,46 +573,48 @@ async fn claim_all(pool: &PgPool) -> Vec<store::Claim> {
         std::path::Path::new("/envs"),
     )
     .await
-    .unwrap()
+    .unwrap();
+    assert_eq!(claims.len(), packs.len());
+    packs
+        .iter()
+        .map(|p| {
+            claims
+                .iter()
+                .find(|c| c.row.pack_ref == *p)
+                .expect("claimed")
+                .clone()
+        })
+        .collect()
+}
+
+/// A build's result with nothing in it, for the write-back.
+fn built() -> store::Transition {
+    store::Transition::Ready {
+        env_path: None,
+        metadata: serde_json::json!({}),
+        fingerprint: None,
+        log: "built".into(),
+    }
 }
 
 /// Whoever waits for an environment hears once when it becomes ready or failed: from the
 /// write-back's own statement, and from the parent's trigger when someone else sets the status.
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_parent_that_becomes_ready_or_failed_notifies_once(pool: PgPool) {
-    register_node(&pool, "/envs").await;
-    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
-    let mut ids = Vec::new();
-    for p in ["good", "bad"] {
-        add_pack(&pool, p).await;
-        ids.push(request(&pool, p, "t.noop").await);
-    }
-    let claims = claim_all(&pool).await;
-    let fence = |env_id: i64| {
-        claims
-            .iter()
-            .find(|c| c.row.env_id == env_id)
-            .unwrap()
-            .fence
-    };
+    let claims = claimed(&pool, &["good", "bad"]).await;
+    let ids: Vec<i64> = claims.iter().map(|c| c.row.env_id).collect();
     let mut listener = sqlx::postgres::PgListener::connect_with(&pool)
         .await
         .unwrap();
     listener.listen("pack_environment_status").await.unwrap();
     let mut conn = pool.acquire().await.unwrap();
-    let ready = store::Transition::Ready {
-        env_path: None,
-        metadata: serde_json::json!({}),
-        fingerprint: None,
-        log: String::new(),
-    };
     let failed = store::Transition::Failed {
         error: "broken".into(),
         log: String::new(),
     };
     let written = store::finish_all(
         &mut conn,
-        &[(fence(ids[0]), ready), (fence(ids[1]), failed)],
+        &[(claims[0].fence, built()), (claims[1].fence, failed)],
     )
     .await
     .unwrap();
@@ -653,29 +644,10 @@ async fn a_parent_that_becomes_ready_or_failed_notifies_once(pool: PgPool) {
 /// sets it, including the two a daemon makes itself, a retry and a failed verification.
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_retry_and_a_failed_verification_wake_the_node(pool: PgPool) {
-    register_node(&pool, "/envs").await;
-    add_runtime(&pool, "t.noop", shell_runtime("true")).await;
-    let mut ids = Vec::new();
-    for p in ["retried", "verified"] {
-        add_pack(&pool, p).await;
-        ids.push(request(&pool, p, "t.noop").await);
-    }
-    let claims = claim_all(&pool).await;
-    let fence = |env_id: i64| {
-        claims
-            .iter()
-            .find(|c| c.row.env_id == env_id)
-            .unwrap()
-            .fence
-    };
+    let claims = claimed(&pool, &["retried", "verified"]).await;
+    let ids: Vec<i64> = claims.iter().map(|c| c.row.env_id).collect();
     let mut conn = pool.acquire().await.unwrap();
-    let ready = store::Transition::Ready {
-        env_path: None,
-        metadata: serde_json::json!({}),
-        fingerprint: None,
-        log: String::new(),
-    };
-    let written = store::finish_all(&mut conn, &[(fence(ids[1]), ready)])
+    let written = store::finish_all(&mut conn, &[(claims[1].fence, built())])
         .await
         .unwrap();
     assert_eq!(written, [true]);
@@ -697,7 +669,7 @@ async fn a_retry_and_a_failed_verification_wake_the_node(pool: PgPool) {
         error: "flaky".into(),
         log: String::new(),
     };
-    assert!(store::finish(&pool, fence(ids[0]), retry).await.unwrap());
+    assert!(store::finish(&pool, claims[0].fence, retry).await.unwrap());
     assert_eq!(heard(&mut listener).await, node_name());
 
     let (node_row, checked_at): (i64, chrono::DateTime<chrono::Utc>) =

@@ -240,18 +240,16 @@ pub(super) const MIRROR_DONE: &str =
      env_path_by_packenvd = (pe.env_path IS NULL OR pe.env_path_by_packenvd)
                             AND coalesce(u.env_path, pe.env_path) IS NOT NULL";
 
-/// Every outcome but `Ready`, one row.
+/// Every outcome but `Ready` and `Unchanged` (written in batches), one row.
 async fn write_other(
     conn: &mut PgConnection,
     fence: Fence,
     t: &Transition,
 ) -> Result<bool, sqlx::Error> {
     let q = match t {
-        Transition::Ready { .. } => unreachable!("written by write_ready"),
-        Transition::Unchanged { log } => sqlx::query_scalar(UNCHANGED_SQL.as_str())
-            .bind(fence.id)
-            .bind(fence.token)
-            .bind(log),
+        Transition::Ready { .. } | Transition::Unchanged { .. } => {
+            unreachable!("written in batches by finish_all")
+        }
         Transition::Retry { after, error, log } => sqlx::query_scalar(RETRY_SQL.as_str())
             .bind(fence.id)
             .bind(fence.token)
@@ -295,18 +293,6 @@ fn finish_one_sql(set: &str, mirror: &str, error: Option<&str>) -> String {
         p = parents_cte(&format!("{MIRROR_DONE}{mirror}"), error)
     )
 }
-
-/// A request answered by the current build.
-static UNCHANGED_SQL: LazyLock<String> = LazyLock::new(|| {
-    finish_one_sql(
-        "status = 'ready', required = true, built_generation = n.generation,
-         install_log = $3, install_error = NULL, last_verified = now(),
-         last_verify_result = NULL, skip_if_current = false",
-        ", install_log = u.install_log, last_verified = u.last_verified,
-         last_verify_result = NULL, skip_if_current = false",
-        Some("NULL"),
-    )
-});
 
 /// A retryable failure with attempts left: pending again after `$5` seconds.
 static RETRY_SQL: LazyLock<String> = LazyLock::new(|| {
