@@ -131,6 +131,10 @@ impl Plan {
 /// its own round trips, one where batches dominate.
 const VERSUS_CONCURRENCIES: [usize; 2] = [8, 64];
 
+/// The floor's loops and rows per claim: one row per statement (where the daemon's
+/// concurrency-8 claims mostly are) and many (where its concurrency-64 ones are).
+const FLOORS: [(usize, usize); 2] = [(8, 1), (2, 32)];
+
 fn sibling_exe(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
     Ok(me.with_file_name(name))
@@ -424,6 +428,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     )
                     .await,
                 ),
+            ));
+        }
+        for (tasks, batch) in FLOORS {
+            progress(&format!(
+                "nodes: the model's floor, {tasks} loops × {batch} rows per claim, one table and two, {} run(s) each",
+                plan.versus_samples
+            ));
+            m.floor.push(report::keep(
+                scenarios::floors(&ctx, plan.rows, batch, tasks, plan.versus_samples).await,
             ));
         }
     }

@@ -8,8 +8,8 @@ use comfy_table::{presets, ContentArrangement, Table};
 
 use crate::pg::Cluster;
 use crate::scenarios::{
-    BuildTimes, Converge, Environments, Fleet, Idle, Latencies, Lookups, PeerRate, Rerequest, Run,
-    Variant, Verification, Versus,
+    BuildTimes, Converge, Environments, Fleet, Floor, Idle, Latencies, Lookups, PeerRate,
+    Rerequest, Run, Variant, Verification, Versus,
 };
 use crate::Plan;
 
@@ -86,6 +86,8 @@ pub struct Measured {
     pub converge: Vec<(usize, Cell<Converge>)>,
     /// Row 7: single-node throughput beside the baseline, by concurrency.
     pub versus: Vec<(usize, Cell<Versus>)>,
+    /// Row 7: the model's floor, by (loops, rows per claim).
+    pub floor: Vec<Cell<Floor>>,
     /// `--baseline`: the other build's binary.
     pub baseline: Option<PathBuf>,
     /// The action runner's lookups (issue 15).

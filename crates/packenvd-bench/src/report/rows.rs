@@ -9,7 +9,7 @@ use super::{
 mod environments;
 pub(super) use environments::{environments_rows, fleet_rows};
 
-use crate::scenarios::{Converge, Idle, Latencies, Run, Verification, Versus};
+use crate::scenarios::{Converge, Floor, FloorRun, Idle, Latencies, Run, Verification, Versus};
 
 /// The text of an empty cell.
 fn dash() -> String {
@@ -408,6 +408,61 @@ pub(super) fn nodes_rows(m: &Measured, out: &mut Vec<[String; 10]>) {
             dash(),
         ]);
     }
+    for f in &m.floor {
+        floor_rows(m, f, out);
+    }
+}
+
+/// Row 7's floor: the least the nodes model costs (scenarios/floor.rs), two tables beside one.
+fn floor_rows(m: &Measured, f: &Cell<Floor>, out: &mut Vec<[String; 10]>) {
+    let rows = m.plan.as_ref().map_or(0, |p| p.rows);
+    let (what, n) = f.done().map_or_else(
+        || ("the model's floor".to_string(), 0),
+        |f| {
+            (
+                format!("{} loops × {} rows per claim", f.tasks, f.batch),
+                f.one.len(),
+            )
+        },
+    );
+    let rate = |v: &[FloorRun]| median_f64(&v.iter().map(|r| r.rows_per_s).collect::<Vec<_>>());
+    let cpu = |v: &[FloorRun]| median_f64(&v.iter().map(|r| r.server_cpu_us).collect::<Vec<_>>());
+    let runs = |v: &[FloorRun]| {
+        let all: Vec<String> = v.iter().map(|r| format!("{:.0}", r.rows_per_s)).collect();
+        format!("{} (runs {})", rows_per_s(rate(v)), all.join(", "))
+    };
+    let diagnosis = || "(diagnosis: what the model costs at least)".to_string();
+    out.push([
+        "7 nodes, the model's floor, rows/s".into(),
+        format!(
+            "{rows} rows, no daemon: {what}, each written back in one statement; two tables (node row + parent counts in the same statement) beside one (the queue alone); no triggers or checks; medians of {n}, alternating"
+        ),
+        f.text(|f| format!("two tables: {}", runs(&f.two))),
+        f.text(|f| format!("one table: {}", runs(&f.one))),
+        f.done()
+            .map_or_else(dash, |f| ratio(rate(&f.two), rate(&f.one))),
+        dash(),
+        dash(),
+        dash(),
+        diagnosis(),
+        dash(),
+    ]);
+    out.push([
+        "7 nodes, the model's floor, server CPU per row".into(),
+        format!("the same runs: every postgres process's CPU ÷ rows, medians; {what}"),
+        f.text(|f| {
+            let (two, one) = (cpu(&f.two), cpu(&f.one));
+            format!("two tables: {two:.0} µs ({:+.0} µs)", two - one)
+        }),
+        f.text(|f| format!("one table: {:.0} µs", cpu(&f.one))),
+        f.done()
+            .map_or_else(dash, |f| ratio(cpu(&f.two), cpu(&f.one))),
+        dash(),
+        dash(),
+        dash(),
+        diagnosis(),
+        dash(),
+    ]);
 }
 
 /// Measure 8, lookups (issue 15): the action runner's lookup per second.

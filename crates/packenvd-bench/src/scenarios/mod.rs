@@ -19,6 +19,7 @@ use crate::procs::{self, DaemonDirs, Event, PeerOptions, Proc};
 
 mod build;
 mod environments;
+mod floor;
 mod idle;
 mod latency;
 mod lookup;
@@ -30,6 +31,7 @@ pub use build::{build_overhead, BuildTimes};
 pub use environments::{
     environments, fleet, rerequest, EnvTimes, Environments, Fleet, Rerequest, Variant, VARIANTS,
 };
+pub use floor::{floors, Floor, FloorRun};
 pub use idle::{packenvd_idle, peer_idle, Idle};
 pub use latency::{packenvd_latency, peer_latency, Latencies};
 pub use lookup::{lookups, Lookups};
