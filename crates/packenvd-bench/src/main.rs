@@ -132,8 +132,8 @@ impl Plan {
 const VERSUS_CONCURRENCIES: [usize; 2] = [8, 64];
 
 /// The floor's loops and rows per claim: one row per statement (where the daemon's
-/// concurrency-8 claims mostly are) and many (where its concurrency-64 ones are).
-const FLOORS: [(usize, usize); 2] = [(8, 1), (2, 32)];
+/// concurrency-8 claims mostly are), 16 (about where its concurrency-64 ones are) and 32.
+const FLOORS: [(usize, usize); 3] = [(8, 1), (4, 16), (2, 32)];
 
 fn sibling_exe(name: &str) -> anyhow::Result<PathBuf> {
     let me = std::env::current_exe()?;
