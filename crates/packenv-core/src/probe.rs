@@ -91,9 +91,14 @@ pub fn pack_path(packs_dir: &Path, pack_ref: &str, storage_path: Option<&str>) -
     storage_path.map_or_else(|| packs_dir.join(pack_ref), PathBuf::from)
 }
 
-/// The shared download cache of one runtime: `<cache_root>/<runtime directory name>`.
-pub fn cache_dir(cache_root: &Path, runtime_dir: &str) -> PathBuf {
-    cache_root.join(runtime_dir)
+/// The download cache of one pack's builds of one runtime:
+/// `<cache_root>/<runtime directory name>/<pack_ref>`. Never shared between packs: steps write
+/// their cache, and uv installs files as hard links into it, so a cache two packs shared would
+/// let one pack's build rewrite what the other's environment runs, now (a linked file changed
+/// in place) and in its later builds (an entry replaced, or built from a hostile sdist). A pack
+/// can spoil only its own later builds (DESIGN §6).
+pub fn cache_dir(cache_root: &Path, runtime_dir: &str, pack_ref: &str) -> PathBuf {
+    cache_root.join(runtime_dir).join(pack_ref)
 }
 
 /// A bare command name is looked up on the steps' PATH; a path is taken as it is. `None` when

@@ -109,6 +109,7 @@ impl SandboxConfig {
                 memory: self.memory,
                 processes: self.processes,
                 file_size: self.file_size,
+                namespaces: true,
             },
             user: self.user,
         }

@@ -170,20 +170,33 @@ impl Protections {
             limit(sandbox.processes),
             limit(sandbox.file_size)
         ));
-        match &settings.build_user {
-            Some(u) => p
+        match (&settings.build_user, settings.step_user()) {
+            (Some(u), _) => p
                 .active
                 .push(format!("steps run as build user {} (uid {})", u.name, u.uid)),
-            None => p.missing.push(
-                "no build_user: steps run as the daemon's user, so only Landlock keeps them from its files and its database login"
+            (None, Some(u)) => p.active.push(format!(
+                "steps run as uid {} ({}), packenvd's choice: the daemon is root and no build_user is set, and steps never run as root",
+                u.uid, u.name
+            )),
+            (None, None) => p.missing.push(
+                "no build_user: steps run as the daemon's user, so only Landlock and their namespaces keep them from its files; concurrent builds share one identity"
                     .into(),
             ),
+        }
+        match &probed.namespaces {
+            Ok(()) => p.active.push(
+                "steps run in user, PID and mount namespaces of their own: they cannot kill their supervisor, outlive their build, signal or trace the daemon or other builds, or reach a PostgreSQL socket"
+                    .into(),
+            ),
+            Err(why) => p.missing.push(format!(
+                "no namespaces for steps ({why}): a step can kill its supervisor and leave processes behind, and can reach PostgreSQL's local socket (enable unprivileged user namespaces: sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone)"
+            )),
         }
         use packenv_core::supervise::LandlockMode;
         let shortfall = probed.shortfall(sandbox.tcp_ports.is_some());
         match (sandbox.landlock, probed.fully_enforced()) {
             (LandlockMode::Off, _) => p.missing.push(
-                "landlock = off: steps may write anywhere the user may, and connect anywhere"
+                "landlock = off: steps may write wherever their user may (other builds of the same user, the cache of every runtime), read the daemon's config and credentials, connect to any port (the database's too), and signal processes of their user"
                     .into(),
             ),
             (_, true) => p.active.push(format!(

@@ -146,7 +146,7 @@ impl Plan {
             &target.pack_ref,
             target.storage_path.as_deref(),
         );
-        let cache_dir = probe::cache_dir(&cfg.cache_dir, loc.name());
+        let cache_dir = probe::cache_dir(&cfg.cache_dir, loc.name(), &target.pack_ref);
         let mut vars = Vars::default();
         vars.set("env_path", build_dir.display().to_string())
             .set("pack_path", pack_path.display().to_string())

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use landlock::{
     Access, AccessFs, AccessNet, CompatLevel, Compatible, LandlockStatus, NetPort, PathBeneath,
-    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, ABI,
+    PathFd, Ruleset, RulesetAttr, RulesetCreatedAttr, RulesetStatus, Scope, ABI,
 };
 use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
@@ -80,6 +80,9 @@ pub struct Confinement {
     pub processes: Option<u64>,
     /// `RLIMIT_FSIZE` in bytes: the largest file the step may write.
     pub file_size: Option<u64>,
+    /// Run the step in user, PID and mount namespaces of its own ([`namespace`]), where the
+    /// kernel allows it; off only for tests of what happens without them.
+    pub namespaces: bool,
 }
 
 impl Confinement {
@@ -99,6 +102,9 @@ impl Confinement {
                     a.extend(["--port".into(), p.to_string().into()]);
                 }
             }
+        }
+        if !self.namespaces {
+            a.push("--no-namespaces".into());
         }
         for (flag, v) in [
             ("--memory", self.memory),
@@ -122,6 +128,7 @@ impl Confinement {
             memory: None,
             processes: None,
             file_size: None,
+            namespaces: true,
         };
         let mut it = args.iter();
         let text = |v: Option<&OsString>, flag: &str| {
@@ -149,6 +156,7 @@ impl Confinement {
                     .hidden
                     .push(it.next().ok_or("--hide needs a path")?.into()),
                 Some("--any-port") => c.tcp_ports = None,
+                Some("--no-namespaces") => c.namespaces = false,
                 Some("--port") => {
                     let p = number(it.next(), "--port")?;
                     let p = u16::try_from(p).map_err(|_| format!("--port {p}: not a port"))?;
@@ -187,9 +195,11 @@ pub fn main(args: &[OsString]) -> ! {
     let control = rustix::io::fcntl_dupfd_cloexec(std::io::stdin().as_fd(), 3)
         .unwrap_or_else(|e| fail(format!("cannot keep the control pipe: {e}")));
     close_inherited_descriptors();
-    // A step never holds a capability, whatever the daemon was given to switch users.
-    if let Err(e) = drop_capabilities() {
-        fail(format!("cannot drop capabilities: {e}"));
+    let entered = conf.namespaces.then(namespace::enter);
+    if let Some(Err(e)) = &entered {
+        if e.half_way {
+            fail(e.why.clone());
+        }
     }
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         fail(format!("cannot become a subreaper: {e}"));
@@ -197,28 +207,79 @@ pub fn main(args: &[OsString]) -> ! {
     if let Err(e) = set_limits(&conf) {
         fail(e);
     }
-    if conf.landlock != LandlockMode::Off {
-        match confine(&conf) {
-            Ok((RulesetStatus::FullyEnforced, _)) => {}
-            Ok((status, _)) if conf.landlock == LandlockMode::Required => fail(format!(
-                "Landlock is required but the kernel enforces it only {}",
-                describe(status)
-            )),
-            Ok(_) => {}
-            Err(e) => fail(format!("cannot apply Landlock: {e}")),
+    if let Some(Ok(())) = entered {
+        match namespace::start_init(&conf, program, step_args) {
+            Ok((init, report)) => {
+                let status = supervise(init, control);
+                // The init's end (or its kill) ended everything in the namespace.
+                kill_descendants(init, &mut None);
+                let status = match status {
+                    WaitStatus::Exited(_, 0) => namespace::read_report(report, init)
+                        .unwrap_or(WaitStatus::Signaled(init, Signal::SIGKILL, false)),
+                    WaitStatus::Exited(_, code) => namespace::read_report(report, init)
+                        .unwrap_or(WaitStatus::Exited(init, code)),
+                    other => other,
+                };
+                exit_like(status)
+            }
+            Err(e) => fail(e),
         }
+    }
+    if let Err(e) = strip_privileges() {
+        fail(e);
+    }
+    if let Some(e) = landlock_stage(&conf) {
+        fail(e);
     }
     // What a step creates is for other users (the action runners) to read, whatever the
     // daemon's own umask (the unit's is 0077).
     rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o022));
-    let child = match Command::new(program)
-        .args(step_args)
+    let child = match spawn_step(program, step_args) {
+        Ok(c) => c,
+        Err(code) => std::process::exit(code),
+    };
+    let child = Pid::from_raw(child.id() as i32);
+    let status = supervise(child, control);
+    kill_descendants(child, &mut None);
+    exit_like(status)
+}
+
+/// Leaves the step no way to hold or gain a capability: root's are not granted on exec,
+/// every set is emptied (the daemon's CAP_SETUID and friends for a build user included), and
+/// no setuid program can raise them again (no_new_privs, even with `landlock = off`).
+fn strip_privileges() -> Result<(), String> {
+    if rustix::process::geteuid().is_root() {
+        lock_out_root().map_err(|e| format!("cannot give up root for the step: {e}"))?;
+    }
+    drop_capabilities().map_err(|e| format!("cannot drop capabilities: {e}"))?;
+    rustix::thread::set_no_new_privs(true).map_err(|e| format!("cannot set no_new_privs: {e}"))
+}
+
+/// Applies Landlock as the mode asks; the reason to refuse the step when it cannot.
+fn landlock_stage(conf: &Confinement) -> Option<String> {
+    if conf.landlock == LandlockMode::Off {
+        return None;
+    }
+    match confine(conf) {
+        Ok((RulesetStatus::FullyEnforced, _)) => None,
+        Ok((status, _)) if conf.landlock == LandlockMode::Required => Some(format!(
+            "Landlock is required but the kernel enforces it only {}",
+            describe(status)
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!("cannot apply Landlock: {e}")),
+    }
+}
+
+/// Starts the step with /dev/null as stdin; the exit status to end with when it cannot be
+/// started (127 when the command does not exist, as a shell says).
+fn spawn_step(program: &OsString, args: &[OsString]) -> Result<std::process::Child, i32> {
+    Command::new(program)
+        .args(args)
         .stdin(std::process::Stdio::null())
         .spawn()
-    {
-        Ok(c) => c,
-        Err(e) => {
-            std::process::exit(if e.kind() == std::io::ErrorKind::NotFound {
+        .map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
                 let path = std::env::var("PATH").ok();
                 let program = program.to_string_lossy();
                 let why = crate::runner::describe_missing(&program, path.as_deref());
@@ -227,13 +288,19 @@ pub fn main(args: &[OsString]) -> ! {
             } else {
                 eprintln!("packenvd supervisor: cannot start {program:?}: {e}");
                 SUPERVISOR_FAILED
-            });
-        }
-    };
-    let child = Pid::from_raw(child.id() as i32);
-    let status = supervise(child, control);
-    kill_descendants(child, &mut None);
-    exit_like(status)
+            }
+        })
+}
+
+/// Makes uid 0 an ordinary uid for this process and everything it starts: no capabilities
+/// granted on exec, none kept across a change of uid, and the bits locked (needs
+/// CAP_SETPCAP, which root has).
+fn lock_out_root() -> std::io::Result<()> {
+    use rustix::thread::CapabilitiesSecureBits as B;
+    rustix::thread::set_capabilities_secure_bits(
+        B::NO_ROOT | B::NO_ROOT_LOCKED | B::NO_SETUID_FIXUP | B::NO_SETUID_FIXUP_LOCKED,
+    )
+    .map_err(std::io::Error::from)
 }
 
 /// Waits for the step to end, or for the daemon to close the control pipe (cancel, timeout,
@@ -417,6 +484,7 @@ pub fn close_inherited_descriptors() {
     }
 }
 
+mod namespace;
 mod ruleset;
 
 pub use ruleset::ProbeAnswer;

@@ -51,10 +51,16 @@ pub(super) fn probe() -> String {
         memory: None,
         processes: None,
         file_size: None,
+        namespaces: true,
+    };
+    // Before Landlock: the namespace probe writes its uid map under /proc.
+    let namespaces = match super::namespace::probe() {
+        Ok(()) => "namespaces ok".to_string(),
+        Err(e) => format!("namespaces unavailable: {e}"),
     };
     match confine(&conf) {
-        Ok((s, abi)) => format!("landlock {} enforced\nabi {abi}", describe(s)),
-        Err(e) => format!("landlock unavailable: {e}\nabi 0"),
+        Ok((s, abi)) => format!("landlock {} enforced\nabi {abi}\n{namespaces}", describe(s)),
+        Err(e) => format!("landlock unavailable: {e}\nabi 0\n{namespaces}"),
     }
 }
 
@@ -66,14 +72,26 @@ pub struct ProbeAnswer {
     /// The Landlock ABI of the kernel, 0 without Landlock; `None` from a supervisor that does
     /// not say (an older binary set as `step_supervisor`).
     pub abi: Option<u32>,
+    /// Whether steps get namespaces of their own: `Ok`, or why not; `Err` too from a
+    /// supervisor that does not say.
+    pub namespaces: Result<(), String>,
 }
 
 impl ProbeAnswer {
     pub fn parse(out: &str) -> ProbeAnswer {
         let mut lines = out.lines().map(str::trim);
+        let status = lines.next().unwrap_or_default().to_owned();
+        let rest: Vec<&str> = lines.collect();
         ProbeAnswer {
-            status: lines.next().unwrap_or_default().to_owned(),
-            abi: lines.find_map(|l| l.strip_prefix("abi ")?.parse().ok()),
+            status,
+            abi: rest
+                .iter()
+                .find_map(|l| l.strip_prefix("abi ")?.parse().ok()),
+            namespaces: match rest.iter().find_map(|l| l.strip_prefix("namespaces ")) {
+                Some("ok") => Ok(()),
+                Some(why) => Err(why.trim_start_matches("unavailable: ").to_owned()),
+                None => Err("the supervisor does not create them (an older binary)".into()),
+            },
         }
     }
 
@@ -107,6 +125,11 @@ impl ProbeAnswer {
         if abi < 5 {
             missing.push("their ioctls on devices are not restricted (ABI 5, Linux 6.10)");
         }
+        if abi < 6 {
+            missing.push(
+                "they may signal processes of their user outside their build and connect to abstract unix sockets (ABI 6, Linux 6.12)",
+            );
+        }
         format!(
             "ABI {abi}: steps still write only to their build, cache and tmp and cannot read the hidden paths{}, but {}",
             if abi >= 4 && ports { ", and connect only to step_tcp_ports" } else { "" },
@@ -130,9 +153,13 @@ pub(super) fn confine(conf: &Confinement) -> Result<(RulesetStatus, u32), String
     if !hidden.is_empty() {
         handled |= AccessFs::from_read(abi);
     }
+    // Scoped: no signal to a process outside this step's domain (the daemon, other builds,
+    // other users' processes of the same uid), no connect to an abstract socket made outside.
     let mut ruleset = Ruleset::default()
         .set_compatibility(CompatLevel::BestEffort)
         .handle_access(handled)
+        .map_err(|e| err(&e))?
+        .scope(Scope::AbstractUnixSocket | Scope::Signal)
         .map_err(|e| err(&e))?;
     if conf.tcp_ports.is_some() {
         ruleset = ruleset

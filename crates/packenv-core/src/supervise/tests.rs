@@ -10,6 +10,7 @@ fn options_round_trip_through_the_command_line() {
         memory: Some(1 << 30),
         processes: None,
         file_size: Some(1 << 20),
+        namespaces: false,
     };
     let mut args = c.to_args();
     args.extend(["--".into(), "pip".into(), "install".into()]);

@@ -147,6 +147,14 @@ const SECOND: Duration = Duration::from_secs(1);
 const HOUR: Duration = Duration::from_secs(3600);
 const DAY: Duration = Duration::from_secs(86400);
 
+/// The user a daemon running as root without `build_user` runs its steps as, when the host has
+/// it (the unit's and the package's build user).
+pub const ROOTS_BUILD_USER: &str = "packenvd-build";
+/// Otherwise this uid and gid, which no account should use: a root daemon never runs a step as
+/// root, and picks an id of its own rather than `nobody`, which other services share (and
+/// whose processes a step could then signal).
+pub const ROOTS_BUILD_ID: u32 = 64900;
+
 settings! {
     /// Where the queue lives: a postgres:// URL. Never logged; masked wherever it is printed.
     /// Prefer database_url_file (or a password in PGPASSFILE): a URL in the environment is
@@ -192,7 +200,7 @@ settings! {
     /// Landlock confinement of steps: writes only to their build, cache and private tmp, TCP
     /// connects only to step_tcp_ports, the daemon's credentials unreadable. "best-effort" uses
     /// what the kernel has; "required" fails steps the kernel cannot confine; "off".
-    landlock: packenv_core::supervise::LandlockMode = packenv_core::supervise::LandlockMode::BestEffort; Live; ok;
+    landlock: packenv_core::supervise::LandlockMode = packenv_core::supervise::LandlockMode::BestEffort; Live; not_off_as_root;
     /// TCP ports steps may connect to (registries, proxies), a list or "any".
     step_tcp_ports: Ports = Ports(Some(vec![80, 443])); Live; ok;
     /// More directories steps may write to, beyond their build, cache and private tmp.
@@ -274,6 +282,15 @@ fn at_least(l: &Limit, min: u64) -> Result<(), String> {
 fn not_root(p: &PathBuf) -> Result<(), String> {
     if p.parent().is_none() {
         return Err("must not be the root directory".into());
+    }
+    Ok(())
+}
+
+/// A root daemon's steps lean on Landlock for what no file permission stops (the daemon's
+/// config and credential, the builds of other packs); it may not be turned off there.
+fn not_off_as_root(m: &packenv_core::supervise::LandlockMode) -> Result<(), String> {
+    if *m == packenv_core::supervise::LandlockMode::Off && rustix::process::geteuid().is_root() {
+        return Err("\"off\" is refused for a daemon running as root: without Landlock its steps could read its config and credential and write other packs' builds; use \"best-effort\" (docs/operations.md lists what \"off\" gives up)".into());
     }
     Ok(())
 }
@@ -415,7 +432,7 @@ impl Settings {
         Some(packenv_core::target::SandboxConfig {
             supervisor: self.supervisor_command()?,
             landlock: self.landlock,
-            user: self.build_user.as_ref().map(|u| (u.uid, u.gid)),
+            user: self.step_user().map(|u| (u.uid, u.gid)),
             memory: self.step_memory_limit.0,
             processes: self.step_max_processes.0,
             file_size: self.step_max_file_size.0,
@@ -423,6 +440,32 @@ impl Settings {
             writable: self.step_writable.iter().map(PathBuf::from).collect(),
             hidden: self.hidden_paths(),
         })
+    }
+
+    /// The user steps run as: `build_user`; for a daemon running as root without one,
+    /// [`ROOTS_BUILD_USER`] if the host has that user, else the bare [`ROOTS_BUILD_ID`]; `None`
+    /// (the daemon's own user) only for a daemon that is not root. Steps never run as root.
+    pub fn step_user(&self) -> Option<BuildUser> {
+        if self.build_user.is_some() || !rustix::process::geteuid().is_root() {
+            return self.build_user.clone();
+        }
+        static CHOSEN: std::sync::OnceLock<BuildUser> = std::sync::OnceLock::new();
+        Some(
+            CHOSEN
+                .get_or_init(|| match nix::unistd::User::from_name(ROOTS_BUILD_USER) {
+                    Ok(Some(u)) => BuildUser {
+                        name: ROOTS_BUILD_USER.to_owned(),
+                        uid: u.uid.as_raw(),
+                        gid: u.gid.as_raw(),
+                    },
+                    _ => BuildUser {
+                        name: format!("{ROOTS_BUILD_ID}:{ROOTS_BUILD_ID}"),
+                        uid: ROOTS_BUILD_ID,
+                        gid: ROOTS_BUILD_ID,
+                    },
+                })
+                .clone(),
+        )
     }
 
     /// The supervisor's command: `<packenvd> __supervise`; `None` for "none", or when this

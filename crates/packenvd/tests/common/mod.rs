@@ -30,6 +30,16 @@ pub struct Env {
 impl Env {
     pub fn new(extra: &[(&'static str, &str)]) -> Env {
         let dir = tempfile::tempdir().expect("tempdir");
+        // As root, steps run as packenvd's own unprivileged build id (64900): the test's tree
+        // must be searchable, its scratch directory writable, and the supervisor reachable
+        // wherever the checkout is.
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tempdir");
+        let supervisor = dir.path().join("packenvd");
+        std::fs::hard_link(env!("CARGO_BIN_EXE_packenvd"), &supervisor)
+            .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_packenvd"), &supervisor).map(|_| ()))
+            .expect("supervisor");
         let p = |s: &str| dir.path().join(s).display().to_string();
         let mut flags: BTreeMap<&'static str, String> = BTreeMap::from([
             ("envs_root", p("envs")),
@@ -38,10 +48,7 @@ impl Env {
             ("concurrency", "4".to_string()),
             ("step_timeout", "2m".to_string()),
             // Builds run by the test process itself are supervised like the daemon's.
-            (
-                "step_supervisor",
-                env!("CARGO_BIN_EXE_packenvd").to_string(),
-            ),
+            ("step_supervisor", p("packenvd")),
             ("step_writable", p("scratch")),
         ]);
         for (k, v) in extra {
@@ -60,6 +67,11 @@ impl Env {
         .settings;
         std::fs::create_dir_all(dir.path().join("packs")).expect("packs dir");
         std::fs::create_dir_all(dir.path().join("scratch")).expect("scratch dir");
+        std::fs::set_permissions(
+            dir.path().join("scratch"),
+            std::fs::Permissions::from_mode(0o777),
+        )
+        .expect("chmod scratch");
         Env { dir, settings }
     }
 
