@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Checks deploy/packenvd.service with `systemd-analyze verify`, and that its exposure score
-# from `systemd-analyze security` stays at or under 2.1. Works without a running systemd (in CI
+# from `systemd-analyze security` stays at or under 2.7. Works without a running systemd (in CI
 # containers PID 1 is something else): verify only needs systemd-analyze and the unit file.
 #
 # Usage: .ci/systemd-verify.sh [PACKENVD_BINARY]   (default: target/debug/packenvd; build first)
@@ -61,7 +61,7 @@ echo "ok"
 
 # The exposure score must not grow: docs/operations.md explains each relaxation it counts
 # (mostly the three capabilities that running steps as a separate build user needs).
-max_exposure=2.1
+max_exposure=2.7
 line=$(systemd-analyze --no-pager security --offline=yes "$unit" | grep -F "Overall exposure level" || true)
 echo "${line:-(systemd-analyze security --offline=yes gave no exposure line)}"
 score=$(grep -oE '[0-9]+\.[0-9]+' <<<"$line" | head -n 1)
