@@ -180,6 +180,8 @@ async fn the_claim_reads_the_partial_index_even_on_an_all_pending_table(pool: Pg
             .bind(node_name())
             .bind(64i64)
             .bind(vec![1i64, 2])
+            .bind(vec![3i64])
+            .bind(None::<Vec<i64>>)
             .fetch_all(&pool)
             .await
             .unwrap();
@@ -460,9 +462,9 @@ async fn the_daemons_plans_stay_lookups_by_key_on_a_large_analyzed_queue(pool: P
     let statements = [
         (
             "claim",
-            "text, float8, int8, text, text, int8, int8[]",
+            "text, float8, int8, text, text, int8, int8[], int8[], int8[]",
             store::CLAIM_SQL.as_str(),
-            "('i', 60, 4, '/envs', 'n', 64, '{}')",
+            "('i', 60, 4, '/envs', 'n', 64, '{}', '{}', NULL)",
         ),
         (
             "write_ready",

@@ -101,8 +101,13 @@ pub async fn status(pool: &PgPool, a: &StatusArgs) -> anyhow::Result<Exit> {
         // Empty because of the other filters is an answer; an unknown pack is a mistake.
         super::commands::runtimes_of(pool, pack).await?;
     }
-    let failed = rows.iter().any(|r| r.status == Status::Failed);
-    let warnings = liveness_warnings(&rows, &nodes, a.node.as_deref());
+    let refused = store::refused_rows(pool)
+        .await
+        .context("reading packenvd_node.refused_rows")?;
+    let refused = refused_lines(&refused, a.node.as_deref());
+    let failed = rows.iter().any(|r| r.status == Status::Failed) || !refused.is_empty();
+    let mut warnings = liveness_warnings(&rows, &nodes, a.node.as_deref());
+    warnings.extend(refused);
     if a.json {
         let out: Vec<JsonRow> = rows
             .iter()
@@ -302,6 +307,42 @@ fn nodes_line(nodes: &[Liveness]) -> String {
         }
     }
     line
+}
+
+/// A line per row a daemon keeps out of its claims because the database refused to claim or
+/// record it (and to fail it): the row, its pack and runtime, what was refused and the
+/// database's message, and when the daemon tries again.
+fn refused_lines(nodes: &[store::RefusedRows], node: Option<&str>) -> Vec<String> {
+    let text = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or("?").to_owned();
+    // A live daemon drops a row from its list when the row's backoff is over (at its next
+    // claim); an entry well past its backoff is a stopped instance's.
+    let stale = chrono::Utc::now() - chrono::Duration::minutes(2);
+    let current = move |r: &&serde_json::Value| {
+        r["retry_at"]
+            .as_str()
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+            .is_none_or(|t| t > stale)
+    };
+    nodes
+        .iter()
+        .filter(|n| node.is_none_or(|name| n.node == name))
+        .flat_map(|n| {
+            n.rows.as_array().into_iter().flatten().filter(current).map(move |r| {
+                format!(
+                    "node {} leaves row {} (environment {}, {} {}) alone: the database refused its {}: {} (since {}; tried again after {})",
+                    n.node,
+                    r["id"],
+                    r["env_id"],
+                    text(r, "pack_ref"),
+                    text(r, "runtime_ref"),
+                    text(r, "what"),
+                    text(r, "error"),
+                    text(r, "since"),
+                    text(r, "retry_at"),
+                )
+            })
+        })
+        .collect()
 }
 
 /// Warnings for rows that wait with no daemon to work on them: no node ever registered, or

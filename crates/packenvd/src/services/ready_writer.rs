@@ -155,8 +155,8 @@ impl ReadyWriter {
     }
 
     /// Takes results as they come and writes them in batches until the channel closes (the
-    /// last worker handle is gone). A batch the database refuses outright is written result
-    /// by result, so one bad result cannot hold the others back.
+    /// last worker handle is gone). A batch the database refuses outright is halved until
+    /// the refused results are found, so one bad result cannot hold the others back.
     pub async fn run(self, mut rx: mpsc::UnboundedReceiver<ReadyJob>) {
         while let Some(first) = rx.recv().await {
             let mut batch = vec![first];
@@ -166,35 +166,31 @@ impl ReadyWriter {
                     Err(_) => break,
                 }
             }
-            let results = match self.write_with_retry(&batch).await {
-                Ok(r) => r,
-                Err(e) if !store::is_transient(&e) && batch.len() > 1 => {
-                    tracing::warn!(error = %crate::error::chain(&e), results = batch.len(), "the database refused a batch of results; writing them one by one");
-                    let mut each = Vec::with_capacity(batch.len());
-                    for job in &batch {
-                        let r = self.write_with_retry(std::slice::from_ref(job)).await;
-                        each.push(match r {
-                            Ok(mut w) => w.pop().unwrap_or(Written::Lost),
-                            Err(e) if store::is_transient(&e) => Written::GaveUp,
-                            Err(e) => Written::Rejected(e),
-                        });
-                    }
-                    each
-                }
-                Err(e) if store::is_transient(&e) => {
-                    batch.iter().map(|_| Written::GaveUp).collect()
-                }
-                Err(e) => {
-                    let mut v: Vec<Written> = Vec::with_capacity(batch.len());
-                    v.push(Written::Rejected(e));
-                    v
-                }
-            };
+            let results = self.write_isolating(&batch).await;
             let mut results = results.into_iter();
             for job in batch {
                 let w = results.next().unwrap_or(Written::GaveUp);
                 // A build that stopped waiting (its task was dropped) has nothing to learn.
                 let _ = job.done.send(w);
+            }
+        }
+    }
+
+    /// Writes `jobs`; when the database refuses them together, writes each half on its own,
+    /// and so on down to the refused results (a batch of n with one refused row costs about
+    /// 2·log2(n) statements). Each half is its own transaction: what it switched in is
+    /// reverted when it is refused, and the other halves' results are kept.
+    async fn write_isolating(&self, jobs: &[ReadyJob]) -> Vec<Written> {
+        match self.write_with_retry(jobs).await {
+            Ok(w) => w,
+            Err(e) if store::is_transient(&e) => jobs.iter().map(|_| Written::GaveUp).collect(),
+            Err(e) if jobs.len() == 1 => vec![Written::Rejected(e)],
+            Err(e) => {
+                tracing::debug!(error = %crate::error::chain(&e), results = jobs.len(), "the database refused a batch of results; writing each half on its own");
+                let (front, back) = jobs.split_at(jobs.len() / 2);
+                let mut w = Box::pin(self.write_isolating(front)).await;
+                w.extend(Box::pin(self.write_isolating(back)).await);
+                w
             }
         }
     }

@@ -23,6 +23,9 @@ use super::{Claim, EnvRow, Fence};
 /// runs. The parent's counts and the single-host mirror move in the same statement.
 /// `metadata` and `installers` are read as '{}' and '[]' when NULL (a platform's columns may
 /// allow it): one such row must build or fail alone, never fail the decoding of the batch.
+/// `$8` are rows this daemon keeps out of its claims (the database refused them, see
+/// [`Lanes::refused`]); `$9`, when not NULL, the only rows it may take (the isolation of a
+/// refused row claims part of the candidates at a time).
 pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH b AS MATERIALIZED (
@@ -30,6 +33,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
                     greatest(run_after, updated) AS claimable_since
              FROM pack_environment_node
              WHERE node = $5 AND status IN ('pending', 'outdated') AND run_after <= now()
+               AND id <> ALL($8::int8[]) AND ($9::int8[] IS NULL OR id = ANY($9::int8[]))
              ORDER BY run_after, id
              LIMIT $3
              FOR UPDATE SKIP LOCKED),
@@ -39,6 +43,7 @@ pub static CLAIM_SQL: LazyLock<String> = LazyLock::new(|| {
              FROM pack_environment_node
              WHERE node = $5 AND status IN ('pending', 'outdated') AND run_after <= now()
                AND skip_if_current AND fingerprint IS NOT NULL AND id <> ALL($7::int8[])
+               AND id <> ALL($8::int8[]) AND ($9::int8[] IS NULL OR id = ANY($9::int8[]))
                AND id NOT IN (SELECT id FROM b)
              ORDER BY run_after, id
              LIMIT $6
@@ -118,6 +123,8 @@ pub async fn claim(
         build: limit,
         answer: 0,
         deferred: &[],
+        refused: &[],
+        only: None,
     };
     claim_lanes(pool, node, instance, lease, lanes, envs_root).await
 }
@@ -132,6 +139,12 @@ pub struct Lanes<'a> {
     pub answer: i64,
     /// Requests the answer lane deferred to the build lane: it does not take them again.
     pub deferred: &'a [i64],
+    /// Rows the database refused to claim or record, which this daemon leaves alone until
+    /// their backoff is over.
+    pub refused: &'a [i64],
+    /// When set, the claim takes only these rows: the isolation of a refused row claims the
+    /// candidates part by part ([`claimable`] lists them).
+    pub only: Option<&'a [i64]>,
 }
 
 /// [`claim`] for both lanes in one statement.
@@ -151,6 +164,8 @@ pub async fn claim_lanes(
         .bind(node)
         .bind(lanes.answer)
         .bind(lanes.deferred)
+        .bind(lanes.refused)
+        .bind(lanes.only)
         .fetch_all(pool)
         .await?;
     // The claim sets a token on every row it returns.
@@ -164,6 +179,132 @@ pub async fn claim_lanes(
             })
         })
         .collect())
+}
+
+/// A row a claim would take, named for the isolation of a row the database refuses to claim.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct Candidate {
+    /// The node row.
+    pub id: i64,
+    pub env_id: i64,
+    pub pack_ref: Option<String>,
+    pub runtime_ref: Option<String>,
+}
+
+/// The rows of node `$1` a claim of `$3` rows would take first, without `$2` (rows kept out),
+/// in the claim's order and without locking them: the candidates among which a refused claim
+/// looks for the row the database refuses.
+const CLAIMABLE_SQL: &str = "SELECT n.id, n.env_id, pe.pack_ref, pe.runtime_ref
+     FROM pack_environment_node n JOIN pack_environment pe ON pe.id = n.env_id
+     WHERE n.node = $1 AND n.status IN ('pending', 'outdated') AND n.run_after <= now()
+       AND n.id <> ALL($2::int8[])
+     ORDER BY n.run_after, n.id
+     LIMIT $3";
+
+/// The first `limit` claimable rows of `node` but `refused`, in the claim's order.
+pub async fn claimable(
+    pool: &PgPool,
+    node: &str,
+    refused: &[i64],
+    limit: i64,
+) -> Result<Vec<Candidate>, sqlx::Error> {
+    sqlx::query_as(CLAIMABLE_SQL)
+        .bind(node)
+        .bind(refused)
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+}
+
+/// Fails node row `$1` of node `$2`, still claimable (never claimed, so there is no claim to
+/// fence), with `$3` as its error: the row the database refused to claim. The parent's counts
+/// are recounted by [`RECOUNT_SQL`] in the same transaction.
+const FAIL_REFUSED_SQL: &str = "UPDATE pack_environment_node
+     SET status = 'failed', install_error = $3, claimed_by = NULL, claim_token = NULL,
+         lease_expires_at = NULL, updated = now()
+     WHERE id = $1 AND node = $2 AND status IN ('pending', 'outdated')
+     RETURNING env_id";
+
+/// Recounts environment `$1`'s node rows into its summary (a write outside the statements
+/// that move the counts themselves).
+const RECOUNT_SQL: &str = "SELECT pack_environment_recount($1)";
+
+/// Gives failed environment `$1` the error `$2` of its refused node row; `summary_seq` moves
+/// so the platform's triggers take it for packenvd's own write.
+const PARENT_ERROR_SQL: &str = "UPDATE pack_environment
+     SET install_error = $2, summary_seq = summary_seq + 1, updated = now()
+     WHERE id = $1 AND status = 'failed'";
+
+/// Records a row the database refused to claim as failed with `error`, in a statement of its
+/// own; false when the row was no longer claimable (another instance took it, an operator
+/// changed it).
+pub async fn fail_refused(
+    pool: &PgPool,
+    node: &str,
+    id: i64,
+    error: &str,
+) -> Result<bool, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let env: Option<i64> = sqlx::query_scalar(FAIL_REFUSED_SQL)
+        .bind(id)
+        .bind(node)
+        .bind(error)
+        .fetch_optional(&mut *tx)
+        .await?;
+    let Some(env) = env else {
+        return Ok(false);
+    };
+    sqlx::query(RECOUNT_SQL).bind(env).execute(&mut *tx).await?;
+    sqlx::query(PARENT_ERROR_SQL)
+        .bind(env)
+        .bind(error)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(true)
+}
+
+/// Replaces instance `$2`'s entries in node `$1`'s `refused_rows` with `$3` (a JSON array),
+/// keeping the other instances' of the same node whose backoff is not over (those of an
+/// instance that stopped go once their backoff is).
+const RECORD_REFUSED_SQL: &str = "UPDATE packenvd_node
+     SET refused_rows = coalesce((SELECT jsonb_agg(e) FROM jsonb_array_elements(refused_rows) e
+                                  WHERE e->>'instance' IS DISTINCT FROM $2
+                                    AND (e->>'retry_at')::timestamptz > now()), '[]')
+                        || $3::jsonb
+     WHERE name = $1";
+
+/// Records on this node's row the rows `instance` keeps out of its claims because the
+/// database refused them (and refused to fail them): what `packenvd status` shows.
+pub async fn record_refused(
+    pool: &PgPool,
+    node: &str,
+    instance: &str,
+    rows: &serde_json::Value,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(RECORD_REFUSED_SQL)
+        .bind(node)
+        .bind(instance)
+        .bind(rows)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// A node and the rows its daemons keep out of their claims because the database refused them.
+#[derive(Debug, Clone, sqlx::FromRow)]
+pub struct RefusedRows {
+    pub node: String,
+    pub rows: serde_json::Value,
+}
+
+/// Every node's refused rows, for nodes that have any.
+const REFUSED_ROWS_SQL: &str = "SELECT name AS node, refused_rows AS rows FROM packenvd_node
+     WHERE refused_rows <> '[]'::jsonb ORDER BY name";
+
+/// The rows daemons keep out of their claims because the database refused them, by node.
+pub async fn refused_rows(pool: &PgPool) -> Result<Vec<RefusedRows>, sqlx::Error> {
+    sqlx::query_as(REFUSED_ROWS_SQL).fetch_all(pool).await
 }
 
 /// Renews the leases of the given claims in one statement; returns the tokens still ours.

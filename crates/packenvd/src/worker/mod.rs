@@ -86,6 +86,8 @@ struct Shared {
     answering: std::sync::atomic::AtomicUsize,
     /// Requests the answer lane handed to the build lane, which it does not take again.
     deferred: std::sync::Mutex<std::collections::HashSet<i64>>,
+    /// Rows the database refused, kept out of this daemon's claims for a backoff.
+    quarantine: std::sync::Mutex<refused::Quarantine>,
 }
 
 impl Worker {
@@ -116,6 +118,7 @@ impl Worker {
                 protections: std::sync::Mutex::default(),
                 answering: Default::default(),
                 deferred: Default::default(),
+                quarantine: Default::default(),
             }),
         }
     }
@@ -218,12 +221,15 @@ impl Worker {
             }
             d.iter().copied().collect()
         };
+        let refused = self.refused_ids(&cfg).await;
         let lanes = store::Lanes {
             build: free as i64,
             answer: answer_free as i64,
             deferred: &deferred,
+            refused: &refused,
+            only: None,
         };
-        let claims = store::claim_lanes(
+        let claims = match store::claim_lanes(
             &self.shared.pool,
             &cfg.node_name,
             &cfg.instance_name,
@@ -232,7 +238,14 @@ impl Worker {
             &cfg.envs_root,
         )
         .await
-        .map_err(Error::db("claiming rows"))?;
+        {
+            Ok(claims) => claims,
+            // The server answered and refused: one row's trigger or constraint must not keep
+            // the others pending (issue 21).
+            Err(e) if !store::is_transient(&e) => self.claim_isolating(&cfg, lanes, e).await?,
+            Err(e) => return Err(Error::db("claiming rows")(e)),
+        };
+        self.claimed(&claims);
         if claims.is_empty() {
             return Ok(Step::Idle);
         }
@@ -314,6 +327,8 @@ impl Worker {
             }
         };
         let cfg = self.cfg();
+        // A list left by this instance's previous run names rows it no longer keeps out.
+        self.publish_refused(&cfg).await;
         if started != crate::node::Started::default() {
             tracing::info!(node = %cfg.node_name, adopted = started.adopted, caught_up = started.caught_up, missing_on_disk = started.missing, "node started");
         }
@@ -342,8 +357,15 @@ impl Worker {
                 }
                 Err(e) => {
                     self.shared.metrics.db_errors.inc();
-                    notifier.status(&format!("database unreachable: {}", chain(&e)));
-                    tracing::warn!(error = %chain(&e), retry_in = ?db_delay, "claim failed; database unreachable?");
+                    let refused =
+                        matches!(&e, Error::Db { source, .. } if !store::is_transient(source));
+                    if refused {
+                        notifier.status(&format!("the database refuses claims: {}", chain(&e)));
+                        tracing::warn!(error = %chain(&e), retry_in = ?db_delay, "claim failed: the database refused it for every row it would take");
+                    } else {
+                        notifier.status(&format!("database unreachable: {}", chain(&e)));
+                        tracing::warn!(error = %chain(&e), retry_in = ?db_delay, "claim failed; database unreachable?");
+                    }
                     tokio::select! {
                         () = tokio::time::sleep(db_delay) => {}
                         () = shutdown.stop.cancelled() => break,
@@ -542,6 +564,7 @@ impl Worker {
 }
 
 mod answer;
+mod refused;
 mod write_back;
 use answer::{Answering, ANSWER_LANE, DEFERRED_MAX};
 pub use write_back::backoff;

@@ -73,7 +73,7 @@ impl Worker {
                     transition = failure(settings, claim, &f, text);
                 }
                 Written::Rejected(e) if matches!(transition.status(), store::Status::Ready) => {
-                    tracing::error!(error = %chain(&e), "the database refused to record the build; recording it as failed");
+                    tracing::warn!(node_row = claim.fence.id, error = %chain(&e), "the database refused to record the finished build; recording it as failed, the rest of its batch went on");
                     transition = Transition::Failed {
                         error: format!(
                             "the database refused to record the finished build: {}",
@@ -84,6 +84,7 @@ impl Worker {
                 }
                 Written::Rejected(e) => {
                     tracing::error!(error = %chain(&e), outcome = transition.label(), "the database refused to record the outcome; the row stays installing until its lease expires and is rescued");
+                    self.refused_write_back(claim, &e).await;
                     return;
                 }
                 Written::GaveUp => {
