@@ -347,6 +347,8 @@ fn supervise(child: Pid, control: OwnedFd) -> WaitStatus {
             let mut buf = [0u8; 64];
             if rustix::io::read(&control, &mut buf).map_or(true, |n| n == 0) {
                 control_open = false;
+                // The step itself first: a namespace's init takes its whole namespace with it.
+                let _ = kill(child, Signal::SIGKILL);
                 let mut status = None;
                 kill_descendants(child, &mut status);
                 if let Some(status) = status {

@@ -182,6 +182,10 @@ pub(super) fn init(
 /// listed but cannot be signalled or traced from here.
 fn seal_mounts() -> Result<(), String> {
     use nix::mount::{mount, MsFlags};
+    // A mount namespace below the supervisor's: the supervisor keeps the host's `/proc`, where
+    // it finds (and kills) this init by its host pid.
+    nix::sched::unshare(CloneFlags::CLONE_NEWNS)
+        .map_err(|e| format!("cannot create the step's mount namespace: {e}"))?;
     mount(
         None::<&str>,
         "/",

@@ -43,7 +43,8 @@ fn a_partial_landlock_warning_names_exactly_what_the_kernels_abi_lacks() {
         v4,
         "ABI 4: steps still write only to their build, cache and tmp and cannot read the \
          hidden paths, and connect only to step_tcp_ports, but their ioctls on devices are \
-         not restricted (ABI 5, Linux 6.10)"
+         not restricted (ABI 5, Linux 6.10); they may signal processes of their user outside \
+         their build and connect to abstract unix sockets (ABI 6, Linux 6.12)"
     );
     let v3_any_port = at(3).shortfall(false);
     assert!(

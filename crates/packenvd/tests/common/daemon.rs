@@ -9,7 +9,7 @@ pub const UNIT_CAPS: &str = "+setuid,+setgid,+chown";
 
 /// The binary where an unprivileged user can reach it, whatever the checkout's modes.
 fn reachable_binary(env: &Env) -> PathBuf {
-    let bin = env.dir.path().join("packenvd");
+    let bin = env.bin.path().join("packenvd");
     if !bin.exists() {
         std::fs::copy(env!("CARGO_BIN_EXE_packenvd"), &bin).expect("copy packenvd");
     }

@@ -24,6 +24,8 @@ pub fn fixtures() -> PathBuf {
 /// A scratch directory with `envs/`, `packs/` and `cache/`, and settings that use it.
 pub struct Env {
     pub dir: tempfile::TempDir,
+    /// Where the supervisor is linked, apart from `dir`, whose tree tests compare.
+    pub bin: tempfile::TempDir,
     pub settings: Settings,
 }
 
@@ -36,7 +38,10 @@ impl Env {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
             .expect("chmod tempdir");
-        let supervisor = dir.path().join("packenvd");
+        let bin = tempfile::tempdir().expect("tempdir");
+        std::fs::set_permissions(bin.path(), std::fs::Permissions::from_mode(0o755))
+            .expect("chmod tempdir");
+        let supervisor = bin.path().join("packenvd");
         std::fs::hard_link(env!("CARGO_BIN_EXE_packenvd"), &supervisor)
             .or_else(|_| std::fs::copy(env!("CARGO_BIN_EXE_packenvd"), &supervisor).map(|_| ()))
             .expect("supervisor");
@@ -48,7 +53,7 @@ impl Env {
             ("concurrency", "4".to_string()),
             ("step_timeout", "2m".to_string()),
             // Builds run by the test process itself are supervised like the daemon's.
-            ("step_supervisor", p("packenvd")),
+            ("step_supervisor", supervisor.display().to_string()),
             ("step_writable", p("scratch")),
         ]);
         for (k, v) in extra {
@@ -72,7 +77,7 @@ impl Env {
             std::fs::Permissions::from_mode(0o777),
         )
         .expect("chmod scratch");
-        Env { dir, settings }
+        Env { dir, bin, settings }
     }
 
     /// A directory outside the envs root that steps may write to (`step_writable`): where a
