@@ -7,6 +7,18 @@
 --
 --   psql "$OWNER_URL" -v ON_ERROR_STOP=1 -v role=packenvd -f deploy/db-role.sql
 --
+-- A role per node (DESIGN §6: a node writes only its own rows, PostgreSQL enforces it): give
+-- each host's daemon its own role and name its node (the daemon's node_name):
+--
+--   psql "$OWNER_URL" -v ON_ERROR_STOP=1 -v role=packenvd_web2 -v node=web-2 -f deploy/db-role.sql
+--
+-- The role may then insert, update and delete only node web-2's rows of pack_environment_node
+-- and packenvd_node (row-level security, migration 9), and may not make the platform's writes
+-- of pack_environment (insert, request, reset, delete: they reach every node's rows); nodes
+-- past their ttl are declared gone through packenvd_reap_gone_nodes(), which runs with the
+-- owner's rights. Without `node` the role is every node's (a single-node setup): a run without
+-- it takes a mapping of an earlier run away.
+--
 -- `role` defaults to packenvd. No password is set here, so none ends up in a file, a shell
 -- history or the server log; set it once, interactively (psql sends it hashed):
 --
@@ -41,6 +53,9 @@
 --                                       platform's roles need no rights on the node tables.
 --                                       request_pack_environment_verification() is the
 --                                       platform's (the client's), not the daemon's.
+--   packenvd_reap_gone_nodes()  EXECUTE  the rescuer declares gone the nodes past their ttl
+--   packenvd_node_role         SELECT   (PUBLIC's) the row-level security policies read which
+--                                       node the connected role writes for
 --   _sqlx_migrations           SELECT   `packenvd run` checks at start-up that the schema is
 --                                       current; applying migrations is the owner's job
 -- plus CONNECT on the database and USAGE on the schema (PUBLIC's by default). Nothing else: no
@@ -55,12 +70,17 @@
 \else
 \set role packenvd
 \endif
+\if :{?node}
+\else
+\set node ''
+\endif
 
 BEGIN;
 
 -- psql does not substitute variables inside the DO blocks' dollar quotes: they read the role
 -- name from this transaction-local setting instead.
 SET LOCAL packenvd.db_role = :'role';
+SET LOCAL packenvd.db_node = :'node';
 
 DO $$
 DECLARE
@@ -118,6 +138,16 @@ BEGIN
     seq := pg_get_serial_sequence(format('%I.pack_environment_node', s), 'id')::regclass;
     EXECUTE format('REVOKE ALL ON SEQUENCE %s FROM %I', seq, r);
     EXECUTE format('GRANT USAGE, SELECT ON SEQUENCE %s TO %I', seq, r);
+
+    -- The node the role writes for (migration 9), or none: every node's.
+    IF current_setting('packenvd.db_node') <> '' THEN
+        INSERT INTO packenvd_node_role (role_name, node)
+        VALUES (r, current_setting('packenvd.db_node'))
+        ON CONFLICT (role_name) DO UPDATE SET node = EXCLUDED.node;
+    ELSE
+        DELETE FROM packenvd_node_role WHERE role_name = r;
+        RAISE NOTICE 'role % may write every node''s rows: give each node its own role with -v node=NAME where there is more than one', r;
+    END IF;
 END $$;
 
 -- Start from nothing on packenvd's objects, so that a right granted by an earlier version of
@@ -140,7 +170,8 @@ REVOKE ALL ON FUNCTION
     pack_environment_node_notify(),
     pack_environment_fill_nulls(),
     pack_environment_status_notify(),
-    request_pack_environment_verification(text, text)
+    request_pack_environment_verification(text, text),
+    packenvd_reap_gone_nodes()
     FROM :"role";
 
 GRANT SELECT ON pack, runtime TO :"role";
@@ -156,7 +187,8 @@ GRANT EXECUTE ON FUNCTION
     pack_environment_summary(integer, integer, integer, integer, integer,
                              pack_environment_status_enum),
     packenvd_node_builds(packenvd_node, text),
-    packenvd_node_takes(packenvd_node, text)
+    packenvd_node_takes(packenvd_node, text),
+    packenvd_reap_gone_nodes()
     TO :"role";
 GRANT SELECT ON _sqlx_migrations TO :"role";
 
@@ -196,7 +228,8 @@ BEGIN
                         ('packenvd_node', 'UPDATE'), ('packenvd_node', 'DELETE'),
                         ('pack_environment_node', 'SELECT'), ('pack_environment_node', 'INSERT'),
                         ('pack_environment_node', 'UPDATE'), ('pack_environment_node', 'DELETE'),
-                        ('v_pack_environment_node', 'SELECT'))
+                        ('v_pack_environment_node', 'SELECT'),
+                        ('packenvd_node_role', 'SELECT'))
                ELSE false END;
     IF extra IS NOT NULL THEN
         RAISE WARNING 'role % holds rights packenvd does not need (granted by someone else, to PUBLIC or to a role it is a member of): %', r, extra;

@@ -132,7 +132,8 @@ async fn run(args: Args) -> Result<ExitCode, String> {
         .await
         .map_err(|e| format!("{pack} ({}): {}", args.runtime, chain(&e)))?;
 
-    // Before the action: this host's build, in one query.
+    // Before the action: this host's build, in one query. A row naming an executable or a
+    // variable's path outside its build under this node's envs_root is refused here, never run.
     let env = client
         .lookup(&pack, &args.runtime)
         .await

@@ -37,6 +37,16 @@ pub enum Error {
     /// or the node cannot build the runtime (`packenvd nodes` says what it lacks).
     #[error("node {node:?} has no copy of this environment: is packenvd running on this host with node_name = {node:?}, and can it build the runtime? (`packenvd nodes`)")]
     NotOnNode { node: String },
+    /// The node's row names a path this client will not run or set: outside the row's build
+    /// under the node's `envs_root` (DESIGN §6). `key` is `executables.<name>`,
+    /// `env_vars.<NAME>` or `build_dir`; `reason` says where it lies instead.
+    #[error("refusing {key} = {path:?} of node {node}: {reason}")]
+    OutsideBuild {
+        node: String,
+        key: String,
+        path: String,
+        reason: String,
+    },
     #[error("database error")]
     Database(#[from] sqlx::Error),
 }

@@ -13,6 +13,8 @@
 //!   what a runner starts a process with.
 //! - `error`: [`Error`], one variant per thing a caller can act on.
 //! - `store`: every SQL statement, one function each.
+//! - `confine`: the check that every path a node's row names lies inside that row's build
+//!   under the node's `envs_root`, before [`Client::lookup`] returns it.
 //!
 //! # Example
 //!
@@ -48,6 +50,7 @@
 //! the one given with [`Client::with_node`]. [`Client::ensure`] waits for the summary, which
 //! is ready once every live node's copy is.
 
+mod confine;
 mod error;
 mod store;
 mod types;
@@ -208,7 +211,9 @@ impl Client {
     /// directory at `env_path`, no build recorded) resolves to that directory, with the
     /// runtime's executable templates, until packenvd has rebuilt it. Otherwise: [`Error::NotReady`] (`not ready: installing
     /// step 2/2`), [`Error::Failed`], [`Error::NotOnNode`], [`Error::NoSuchEnvironment`],
-    /// [`Error::NoSuchPack`], [`Error::NoSuchRuntime`].
+    /// [`Error::NoSuchPack`], [`Error::NoSuchRuntime`], and [`Error::OutsideBuild`] when the
+    /// row names an executable or a variable's path outside its build under the node's
+    /// `envs_root` (DESIGN §6: such a row is refused, never run).
     pub async fn lookup(&self, pack_ref: &str, runtime_ref: &str) -> Result<Resolved, Error> {
         let row = store::lookup(&self.pool, pack_ref, runtime_ref, &self.node).await?;
         if !row.pack_found {
@@ -271,6 +276,21 @@ impl Client {
                 row.env_vars.map(|j| j.0).unwrap_or_default(),
             ),
         };
+        let none = BTreeMap::new();
+        let no_commands = BTreeMap::new();
+        let confine = confine::Confine {
+            node: &self.node,
+            envs_root: row.envs_root.as_deref(),
+            executable_templates: row.executable_templates.as_ref().map_or(&none, |j| &j.0),
+            env_templates: row.env_templates.as_ref().map_or(&none, |j| &j.0),
+            host_commands: row.host_commands.as_ref().map_or(&no_commands, |j| &j.0),
+        };
+        let build = match &build_dir {
+            Some(dir) => Some(confine.build(&dir.to_string_lossy())?),
+            None => None,
+        };
+        confine.executables(&executables, build.as_ref())?;
+        confine.env_vars(&env_vars, build.as_ref())?;
         Ok(Resolved {
             node: self.node.clone(),
             status,

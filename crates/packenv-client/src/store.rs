@@ -29,11 +29,21 @@ pub(crate) struct LookupRow {
     pub runtime_name: Option<String>,
     pub legacy_executables: Option<Json<BTreeMap<String, String>>>,
     pub legacy_env_vars: Option<Json<BTreeMap<String, String>>>,
+    /// The node's envs root (None: no node of that name), which every path of its row must
+    /// lie under.
+    pub envs_root: Option<String>,
+    /// What the platform decided, which no node writes: the runtime's executable templates
+    /// and variables.
+    pub executable_templates: Option<Json<BTreeMap<String, String>>>,
+    pub env_templates: Option<Json<BTreeMap<String, String>>>,
+    /// Where the node found each bare command of the runtime (its own `packenvd_node` row).
+    pub host_commands: Option<Json<BTreeMap<String, Option<String>>>>,
 }
 
 /// The runner's lookup, one statement: the pack and the runtime by their unique refs, the
 /// environment by its unique (pack, runtime), the node's copy by its unique (env_id, node).
-/// Four index probes, whatever the number of environments or nodes. The step is read out of
+/// Five index probes (the node's own row for its envs root), whatever the number of
+/// environments or nodes. The step is read out of
 /// the log only while a build runs.
 pub(crate) async fn lookup(
     pool: &PgPool,
@@ -65,12 +75,20 @@ pub const LOOKUP_SQL: &str =
                      THEN coalesce(r.installers -> 'executable_templates', '{}') END
                     AS legacy_executables,
                 CASE WHEN l.dir IS NOT NULL
-                     THEN coalesce(r.installers -> 'env_vars', '{}') END AS legacy_env_vars
+                     THEN coalesce(r.installers -> 'env_vars', '{}') END AS legacy_env_vars,
+                nd.envs_root,
+                CASE WHEN jsonb_typeof(r.installers -> 'executable_templates') = 'object'
+                     THEN r.installers -> 'executable_templates' END AS executable_templates,
+                CASE WHEN jsonb_typeof(r.installers -> 'env_vars') = 'object'
+                     THEN r.installers -> 'env_vars' END AS env_templates,
+                CASE WHEN jsonb_typeof(nd.runtimes -> $2 -> 'commands') = 'object'
+                     THEN nd.runtimes -> $2 -> 'commands' END AS host_commands
          FROM (SELECT 1) one
          LEFT JOIN pack p ON p.ref = $1
          LEFT JOIN runtime r ON r.ref = $2
          LEFT JOIN pack_environment pe ON pe.pack = p.id AND pe.runtime = r.id
          LEFT JOIN pack_environment_node n ON n.env_id = pe.id AND n.node = $3
+         LEFT JOIN packenvd_node nd ON nd.name = $3
          -- packenvd records every build it makes (or that none is needed) in the metadata.
          LEFT JOIN LATERAL (SELECT n.env_path AS dir
                             WHERE NOT n.metadata ?| ARRAY['build_dir', 'requires_environment']

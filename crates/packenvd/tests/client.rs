@@ -578,3 +578,118 @@ async fn the_client_role_of_deploy_does_every_operation_and_nothing_more(pool: P
         std::panic::resume_unwind(panic);
     }
 }
+
+/// Rewrites this node's row of `p` as another host's role could before migration 9, or a
+/// hostile step's daemon could on its own host: `metadata #- path` set to `value`.
+async fn tamper(pool: &PgPool, path: &[&str], value: serde_json::Value) {
+    sqlx::query("UPDATE pack_environment_node SET metadata = jsonb_set(metadata, $1, $2, true)")
+        .bind(path)
+        .bind(value)
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn the_client_refuses_a_row_whose_executables_or_variables_point_outside_its_build(
+    pool: PgPool,
+) {
+    let env = Env::new(&[]);
+    add_runtime(&pool, "t.tool", tool_runtime()).await;
+    ready_pack(&pool, &env, "p", "t.tool").await;
+    let client = Client::new(pool.clone());
+    let good = client.lookup("p", "t.tool").await.unwrap();
+    let build = good.build_dir.clone().unwrap();
+    let metadata: serde_json::Value =
+        sqlx::query_scalar("SELECT metadata FROM pack_environment_node")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+
+    // A script that would run if the client believed the row.
+    let evil = std::env::temp_dir().join(format!("evil-{}.sh", std::process::id()));
+    std::fs::write(&evil, "#!/bin/sh\necho evil\n").unwrap();
+    let evil = evil.display().to_string();
+    let escape = build.join("bin/escape");
+    std::os::unix::fs::symlink(&evil, &escape).unwrap();
+    let build_text = build.display().to_string();
+    let cases: [(&[&str], String, &str); 5] = [
+        (&["executables", "tool"], evil.clone(), "executables.tool"),
+        (
+            &["executables", "tool"],
+            format!("{build_text}/../../evil.sh"),
+            "executables.tool",
+        ),
+        // Inside the build by its name, out of it through the link.
+        (
+            &["executables", "tool"],
+            escape.display().to_string(),
+            "executables.tool",
+        ),
+        (
+            &["env_vars", "LD_PRELOAD"],
+            format!("{}/evil.so", std::env::temp_dir().display()),
+            "env_vars.LD_PRELOAD",
+        ),
+        (
+            &["env_vars", "PYTHONSTARTUP"],
+            "evil.py".to_string(),
+            "env_vars.PYTHONSTARTUP",
+        ),
+    ];
+    for (path, value, want_key) in cases {
+        tamper(&pool, path, serde_json::json!(value)).await;
+        match client.lookup("p", "t.tool").await {
+            Err(e @ Error::OutsideBuild { .. }) => {
+                let Error::OutsideBuild {
+                    key, path: p, node, ..
+                } = &e
+                else {
+                    unreachable!()
+                };
+                assert_eq!((key.as_str(), p.as_str()), (want_key, value.as_str()));
+                assert_eq!(node, &node_name());
+                let text = e.to_string();
+                assert!(
+                    text.contains(&format!("outside the build {build_text} of node {node}")),
+                    "{text}"
+                );
+            }
+            other => panic!("{want_key} = {value} was not refused: {other:?}"),
+        }
+        sqlx::query("UPDATE pack_environment_node SET metadata = $1")
+            .bind(&metadata)
+            .execute(&pool)
+            .await
+            .unwrap();
+    }
+
+    // A build directory outside the node's envs root is refused as a whole.
+    tamper(
+        &pool,
+        &["build_dir"],
+        serde_json::json!(std::env::temp_dir()),
+    )
+    .await;
+    match client.lookup("p", "t.tool").await {
+        Err(Error::OutsideBuild { key, reason, .. }) => {
+            assert_eq!(key, "build_dir");
+            assert!(reason.contains("outside the envs_root"), "{reason}");
+        }
+        other => panic!("a build outside the envs root was not refused: {other:?}"),
+    }
+    sqlx::query("UPDATE pack_environment_node SET metadata = $1")
+        .bind(&metadata)
+        .execute(&pool)
+        .await
+        .unwrap();
+
+    // The row as the daemon wrote it still resolves, and runs.
+    let again = client.lookup("p", "t.tool").await.unwrap();
+    assert_eq!(again.executables, good.executables);
+    let out = std::process::Command::new(again.executable("tool").unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "tool");
+    std::fs::remove_file(&evil).unwrap();
+}

@@ -24,9 +24,10 @@ fn quote_literal(s: &str) -> String {
     format!("'{}'", s.replace('\'', "''"))
 }
 
-/// deploy/db-role.sql as psql would run it with `-v role=<role>`: psql's meta-commands (the
-/// lines starting with a backslash) dropped, its variables substituted.
-fn db_role_sql(role: &str) -> String {
+/// deploy/db-role.sql as psql would run it with `-v role=<role>` (and `-v node=<node>` unless
+/// `node` is empty): psql's meta-commands (the lines starting with a backslash) dropped, its
+/// variables substituted.
+fn db_role_sql(role: &str, node: &str) -> String {
     let sql: String = DB_ROLE_SQL
         .lines()
         .filter(|l| !l.starts_with('\\'))
@@ -38,10 +39,15 @@ fn db_role_sql(role: &str) -> String {
     );
     sql.replace(":\"role\"", &quote_ident(role))
         .replace(":'role'", &quote_literal(role))
+        .replace(":'node'", &quote_literal(node))
 }
 
 async fn apply_db_role(owner: &PgPool, role: &str) {
-    sqlx::raw_sql(&db_role_sql(role))
+    apply_node_role(owner, role, "").await
+}
+
+async fn apply_node_role(owner: &PgPool, role: &str, node: &str) {
+    sqlx::raw_sql(&db_role_sql(role, node))
         .execute(owner)
         .await
         .expect("applying deploy/db-role.sql");
@@ -70,6 +76,11 @@ struct TestRole {
 
 impl TestRole {
     async fn create(owner: &PgPool) -> TestRole {
+        Self::create_for_node(owner, "").await
+    }
+
+    /// A role of deploy/db-role.sql's with `-v node=<node>` (every node's when empty).
+    async fn create_for_node(owner: &PgPool, node: &str) -> TestRole {
         let db = owner
             .connect_options()
             .get_database()
@@ -87,7 +98,7 @@ impl TestRole {
             password: uuid::Uuid::new_v4().simple().to_string(),
             owner_url: database_url(owner),
         };
-        apply_db_role(owner, &role.name).await;
+        apply_node_role(owner, &role.name, node).await;
         // What the operator does by hand (`\password`); the file never holds one. The test
         // cluster trusts local connections, but a DATABASE_URL with password authentication
         // works too.
@@ -458,4 +469,174 @@ async fn a_platform_role_with_rights_on_pack_environment_only_reaches_every_node
         ]
     );
     platform.close().await;
+}
+
+/// Node `other` beside this host's node (the one the daemons of these tests run as), as its
+/// own daemon would register it.
+async fn register_other_node(owner: &PgPool, other: &str) {
+    packenvd::store::register_node(
+        owner,
+        &packenvd::store::NodeInfo {
+            name: other.into(),
+            envs_root: format!("/srv/{other}/envs"),
+            version: "test".into(),
+            runtimes: serde_json::json!({}),
+            tools: serde_json::json!({}),
+            protections: serde_json::json!([]),
+            ttl: Duration::from_secs(600),
+        },
+    )
+    .await
+    .unwrap();
+}
+
+/// The SQLSTATE of a refused statement.
+fn code(err: &sqlx::Error) -> Option<String> {
+    err.as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_node_role_builds_its_own_rows_and_postgres_refuses_its_writes_of_another_nodes(
+    owner: PgPool,
+) {
+    // This host's daemon runs as "web-2"'s role (its node is named after the host); "web-1" is
+    // another host whose rows the role must not touch.
+    let me = node_name();
+    let role = TestRole::create_for_node(&owner, &me).await;
+    register_other_node(&owner, "web-1").await;
+    let env = Env::new(&[]);
+    env.pack_dir("built_pack", &[]);
+    add_pack(&owner, "built_pack").await;
+    add_runtime(
+        &owner,
+        "test.sh",
+        shell_runtime("echo built > {env_path}/marker"),
+    )
+    .await;
+    let id = request(&owner, "built_pack", "test.sh").await;
+
+    // Claim, heartbeat, write-back, node heartbeat and rescue with the node role's rights.
+    let url = role.url();
+    let mut daemon = Daemon::spawn(
+        &env,
+        &url,
+        "node-role",
+        &[
+            ("PACKENVD_POLL_INTERVAL", "200ms"),
+            ("PACKENVD_LEASE", "3s"),
+        ],
+        &[],
+    );
+    let started = Instant::now();
+    loop {
+        if let Some(status) = daemon.child.try_wait().expect("try_wait") {
+            panic!("the daemon exited ({status}):\n{}", daemon.output());
+        }
+        let mine: Option<String> = sqlx::query_scalar(
+            "SELECT status::text FROM pack_environment_node WHERE env_id = $1 AND node = $2",
+        )
+        .bind(id)
+        .bind(&me)
+        .fetch_optional(&owner)
+        .await
+        .unwrap();
+        if mine.as_deref() == Some("ready") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "not ready: {mine:?}\n{}",
+            daemon.output()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let output = stop(daemon);
+    assert!(
+        !output.contains("permission denied") && !output.contains("row-level security"),
+        "the daemon hit its role's limits on its own rows:\n{output}"
+    );
+
+    let as_role = role.pool().await;
+    let web1_before: (String, serde_json::Value) = sqlx::query_as(
+        "SELECT status::text, metadata FROM pack_environment_node WHERE node = 'web-1'",
+    )
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    // An UPDATE of web-1's row: row-level security leaves it out, so nothing changes.
+    let hijack = sqlx::query(
+        "UPDATE pack_environment_node
+         SET status = 'ready', metadata = jsonb_build_object(
+             'build_dir', '/tmp', 'executables', jsonb_build_object('python', '/tmp/evil.sh'),
+             'env_vars', jsonb_build_object('LD_PRELOAD', '/tmp/evil.so'))
+         WHERE node = 'web-1'",
+    )
+    .execute(&as_role)
+    .await
+    .expect("the statement runs, and reaches no row of web-1");
+    assert_eq!(hijack.rows_affected(), 0);
+    let web1_after: (String, serde_json::Value) = sqlx::query_as(
+        "SELECT status::text, metadata FROM pack_environment_node WHERE node = 'web-1'",
+    )
+    .fetch_one(&owner)
+    .await
+    .unwrap();
+    assert_eq!(
+        web1_after, web1_before,
+        "web-1's row changed under web-2's role"
+    );
+    let moved = sqlx::query("UPDATE packenvd_node SET envs_root = '/' WHERE name = 'web-1'")
+        .execute(&as_role)
+        .await
+        .unwrap();
+    assert_eq!(moved.rows_affected(), 0, "web-1's envs root moved");
+
+    // Writes that would make a row web-1's are refused outright. 42501 is
+    // insufficient_privilege, which is also what a row-level security violation raises.
+    for sql in [
+        "UPDATE pack_environment_node SET node = 'web-1' WHERE node = current_setting('x.me')",
+        "INSERT INTO pack_environment_node (env_id, node, metadata)
+         SELECT id, 'web-1', '{\"executables\": {\"python\": \"/tmp/evil.sh\"}}' FROM pack_environment",
+        "INSERT INTO packenvd_node (name, envs_root) VALUES ('web-3', '/')",
+        // The platform's writes fan out to every node's rows with the owner's rights.
+        "SELECT request_pack_environment('built_pack', 'test.sh')",
+        "UPDATE pack_environment SET env_path = '/tmp', status = 'outdated'",
+        "DELETE FROM pack_environment",
+    ] {
+        let mut tx = as_role.begin().await.unwrap();
+        sqlx::query("SELECT set_config('x.me', $1, true)")
+            .bind(&me)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+        let err = sqlx::query(sql)
+            .execute(&mut *tx)
+            .await
+            .expect_err(&format!("web-2's role could run: {sql}"));
+        assert_eq!(code(&err).as_deref(), Some("42501"), "{sql}: {err}");
+    }
+
+    // Its own rows stay its own to write.
+    let own = sqlx::query("UPDATE pack_environment_node SET last_verified = NULL WHERE node = $1")
+        .bind(&me)
+        .execute(&as_role)
+        .await
+        .unwrap();
+    assert_eq!(own.rows_affected(), 1);
+
+    // A node past its ttl is declared gone by any node's rescuer, through the one function
+    // that writes other nodes' rows; then the environment no longer waits for it.
+    sqlx::query(
+        "UPDATE packenvd_node SET last_seen = now() - interval '1 hour' WHERE name = 'web-1'",
+    )
+    .execute(&owner)
+    .await
+    .unwrap();
+    let gone = packenvd::store::reap_gone_nodes(&as_role).await.unwrap();
+    assert_eq!(gone, ["web-1"]);
+    assert_eq!(status_of(&owner, id).await, "ready");
+    as_role.close().await;
 }

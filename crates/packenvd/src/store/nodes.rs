@@ -263,30 +263,16 @@ pub async fn touch_node(pool: &PgPool, node: &str) -> Result<bool, sqlx::Error> 
 }
 
 /// Declares gone the nodes not seen for their ttl, and stops counting their rows, so the
-/// environments they were building go ready without them. Returns their names.
+/// environments they were building go ready without them. Returns their names. Through
+/// `packenvd_reap_gone_nodes()` (migration 9), which runs with the owner's rights: a node's own
+/// role may not write other nodes' rows, and this is the one write of theirs every node makes.
 pub async fn reap_gone_nodes(pool: &PgPool) -> Result<Vec<String>, sqlx::Error> {
-    let gone: Vec<String> = sqlx::query_scalar(
-        "UPDATE packenvd_node SET gone = true
-         WHERE NOT gone AND last_seen + ttl < now()
-         RETURNING name",
-    )
-    .fetch_all(pool)
-    .await?;
-    for node in &gone {
-        uncount(pool, node).await?;
-    }
-    Ok(gone)
+    sqlx::query_scalar("SELECT packenvd_reap_gone_nodes()")
+        .fetch_all(pool)
+        .await
 }
 
-/// Stops counting a node's rows for their parents.
-async fn uncount(pool: &PgPool, node: &str) -> Result<u64, sqlx::Error> {
-    let n: i64 = sqlx::query_scalar(UNCOUNT_SQL.as_str())
-        .bind(node)
-        .fetch_one(pool)
-        .await?;
-    Ok(n as u64)
-}
-
+/// Stops counting a node's rows for their parents (`packenvd node forget`).
 static UNCOUNT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "WITH c AS MATERIALIZED (
