@@ -105,7 +105,8 @@ impl Confine<'_> {
         Ok((build_n, real))
     }
 
-    /// `path` (named by `key`) lies inside the build, lexically and with links resolved.
+    /// `path` (named by `key`) lies inside the build, lexically and with the links of its
+    /// directories resolved.
     fn inside(
         &self,
         key: &str,
@@ -125,7 +126,15 @@ impl Confine<'_> {
         if !p.starts_with(&build.0) {
             return Err(self.refuse(key, path, outside()));
         }
-        if let (Ok(real), Some(build_real)) = (std::fs::canonicalize(&p), &build.1) {
+        // The directories on the way are resolved, the file itself is not: a venv's
+        // `bin/python` is a link to the interpreter it was made from, outside every build. What
+        // the row names must be a file of the build; where the build's own file points is the
+        // build's content, made by its own pack's steps.
+        let real = match (p.parent(), p.file_name()) {
+            (Some(dir), Some(name)) => std::fs::canonicalize(dir).map(|d| d.join(name)),
+            _ => std::fs::canonicalize(&p),
+        };
+        if let (Ok(real), Some(build_real)) = (real, &build.1) {
             if !real.starts_with(build_real) {
                 return Err(self.refuse(
                     key,

@@ -424,7 +424,7 @@ async fn a_request_with_unchanged_inputs_finishes_without_running_a_step(pool: P
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
-async fn the_second_build_reads_its_packages_from_the_shared_cache(pool: PgPool) {
+async fn the_second_build_reads_its_packages_from_its_packs_cache(pool: PgPool) {
     let env = Env::new(&[]);
     let wheels = env.dir.path().join("wheels");
     make_wheel(&wheels, "0.1.0");
@@ -463,7 +463,8 @@ async fn the_second_build_reads_its_packages_from_the_shared_cache(pool: PgPool)
     // The rebuild fetched no wheel: it took it from the cache (uv's or pip's, as the host has
     // uv or not).
     assert_eq!(wheel_fetches(), cold_fetches, "{:?}", index.requests());
-    let cache = env.settings.cache_dir.join("python");
+    // The pack's own cache: caches are never shared between packs.
+    let cache = env.settings.cache_dir.join("python").join("p");
     assert!(cache.join("uv").is_dir() || cache.join("pip").is_dir());
 }
 
@@ -506,7 +507,7 @@ async fn the_uv_runtime_builds_the_same_pack_and_its_venv_imports_the_package(po
         "0.1.0"
     );
     assert!(
-        env.settings.cache_dir.join("python-uv/uv").is_dir(),
-        "uv used the shared cache"
+        env.settings.cache_dir.join("python-uv/p/uv").is_dir(),
+        "uv used the pack's cache"
     );
 }

@@ -499,7 +499,9 @@ async fn a_database_at_the_deployed_migrations_takes_the_new_ones_out_of_order_a
             20261127000000,
             20261127000006,
             20261127000007,
-            20261127000008
+            20261127000008,
+            20261127000009,
+            20261127000010
         ]
     );
 
@@ -524,7 +526,9 @@ async fn a_database_at_the_deployed_migrations_takes_the_new_ones_out_of_order_a
             20261127000005,
             20261127000006,
             20261127000007,
-            20261127000008
+            20261127000008,
+            20261127000009,
+            20261127000010
         ]
     );
     // Nothing of packenvd's own schema or rows changed: the platform-schemas migration found
