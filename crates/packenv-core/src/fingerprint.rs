@@ -21,6 +21,9 @@ pub enum ManifestError {
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("{} is larger than {max} bytes", path.display())]
     TooLarge { path: PathBuf, max: u64 },
+    /// A symlink (or a link on the way) that leads out of the pack: not read.
+    #[error("{} resolves outside the pack directory (a symlink leading out of the pack); not read", path.display())]
+    Outside { path: PathBuf },
     #[error("cannot read {}", path.display())]
     Io {
         path: PathBuf,
@@ -175,7 +178,13 @@ pub fn inputs_digest(
         h.update(b"\0file\0");
         h.update(name.as_bytes());
         match read(Path::new(name))? {
-            Found::Outside => h.update(b"\0outside\0"),
+            // A manifest is the pack's own file; one that is not is that row's error, as a
+            // FIFO or a device is.
+            Found::Outside => {
+                return Err(ManifestError::Outside {
+                    path: pack_path.join(name),
+                })
+            }
             Found::Inside(content) => {
                 h.update(b"\0present\0");
                 h.update(Sha256::digest(&content));
@@ -335,6 +344,12 @@ mod tests {
         )
         .unwrap();
         inputs_digest(&spec, &pack, "").unwrap();
+        // A manifest that is itself a link out of the pack is an error, still unread.
+        std::os::unix::fs::symlink(&outside, pack.join("constraints.txt")).unwrap();
+        assert!(matches!(
+            inputs_digest(&spec, &pack, ""),
+            Err(ManifestError::Outside { .. })
+        ));
     }
     use serde_json::json;
 

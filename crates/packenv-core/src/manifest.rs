@@ -151,6 +151,33 @@ impl PackDir {
     }
 }
 
+/// Reads the pack file `name` (relative to the pack) as [`crate::fingerprint::read_manifest`]
+/// does, but beneath the pack: `None` when absent, an error when it leads out of the pack
+/// (then nothing of it is read).
+pub fn read_pack_file(
+    pack_path: &Path,
+    name: &str,
+    max: u64,
+) -> Result<Option<Vec<u8>>, ManifestError> {
+    let pack = match PackDir::open(pack_path) {
+        Ok(p) => p,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ManifestError::Io {
+                path: pack_path.to_owned(),
+                source,
+            })
+        }
+    };
+    match pack.read(Path::new(name), max)? {
+        Found::Inside(c) => Ok(Some(c)),
+        Found::Missing => Ok(None),
+        Found::Outside => Err(ManifestError::Outside {
+            path: pack_path.join(name),
+        }),
+    }
+}
+
 /// A path a manifest or a step makes an installer read that leads out of the pack, or a
 /// manifest that cannot be checked.
 #[derive(Debug, thiserror::Error)]

@@ -178,3 +178,18 @@ fn past_the_include_limits_the_row_fails_instead_of_pip_following_unchecked() {
     // A file including itself is read once.
     check(&pack, "-r requirements.txt\n").unwrap();
 }
+
+#[test]
+fn a_pack_yaml_linked_out_of_the_pack_is_an_error_and_unread() {
+    let (dir, pack) = setup();
+    std::os::unix::fs::symlink(dir.path().join("outside/secret"), pack.join("pack.yaml")).unwrap();
+    let err = read_pack_file(&pack, "pack.yaml", 1 << 16)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("pack.yaml resolves outside the pack directory"),
+        "{err}"
+    );
+    assert!(!err.contains("MARKER"), "{err}");
+    assert_eq!(read_pack_file(&pack, "absent.yaml", 10).unwrap(), None);
+}
