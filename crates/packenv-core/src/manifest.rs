@@ -114,9 +114,11 @@ impl PackDir {
             match rustix::fs::openat2(&self.fd, rel, flags, Mode::empty(), resolve) {
                 Ok(fd) => return Ok(Found::Inside(fd)),
                 Err(rustix::io::Errno::XDEV) => return Ok(Found::Outside),
-                Err(rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR) => {
-                    return Ok(Found::Missing)
-                }
+                // A link loop inside the pack: the installer fails on it the same way, with
+                // nothing to show, and another attempt would not help.
+                Err(
+                    rustix::io::Errno::NOENT | rustix::io::Errno::NOTDIR | rustix::io::Errno::LOOP,
+                ) => return Ok(Found::Missing),
                 // A rename elsewhere on the system raced the lookup: the kernel asks to retry.
                 Err(rustix::io::Errno::AGAIN) => continue,
                 Err(e) => return Err(e.into()),
@@ -377,7 +379,7 @@ fn check_requirements(
                     let at = dir.join(path);
                     match pack.read(&at, MANIFEST_MAX_BYTES)? {
                         Found::Inside(c) => {
-                            if depth + 1 >= INCLUDE_DEPTH {
+                            if depth + 1 > INCLUDE_DEPTH {
                                 return Err(IncludeError::TooMany {
                                     manifest,
                                     limit: format!("{INCLUDE_DEPTH} levels of -r/-c includes"),
