@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+use crate::manifest::{Found, PackDir};
+
 /// The largest manifest packenvd reads. A dependency list bigger than this is not a
 /// dependency list; reading it would only cost memory.
 pub const MANIFEST_MAX_BYTES: u64 = 4 << 20;
@@ -19,6 +21,9 @@ pub enum ManifestError {
     NotRegular { path: PathBuf, kind: &'static str },
     #[error("{} is larger than {max} bytes", path.display())]
     TooLarge { path: PathBuf, max: u64 },
+    /// A symlink (or a link on the way) that leads out of the pack: not read.
+    #[error("{} resolves outside the pack directory (a symlink leading out of the pack); not read", path.display())]
+    Outside { path: PathBuf },
     #[error("cannot read {}", path.display())]
     Io {
         path: PathBuf,
@@ -70,6 +75,20 @@ pub fn read_manifest(path: &Path, max: u64) -> Result<Option<Vec<u8>>, ManifestE
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(io(e)),
     };
+    read_opened(file, path, max).map(Some)
+}
+
+/// Reads an open pack file as [`read_manifest`] does: it must be a regular file of at most
+/// `max` bytes; `path` names it in errors.
+pub(crate) fn read_opened(
+    file: std::fs::File,
+    path: &Path,
+    max: u64,
+) -> Result<Vec<u8>, ManifestError> {
+    let io = |source| ManifestError::Io {
+        path: path.to_owned(),
+        source,
+    };
     let meta = file.metadata().map_err(io)?;
     if !meta.file_type().is_file() {
         return Err(ManifestError::NotRegular {
@@ -89,7 +108,7 @@ pub fn read_manifest(path: &Path, max: u64) -> Result<Option<Vec<u8>>, ManifestE
     if content.len() as u64 > max {
         return Err(too_large());
     }
-    Ok(Some(content))
+    Ok(content)
 }
 
 /// Files of a pack that decide what an installer installs. The requirements files' `-r` and
@@ -110,8 +129,8 @@ pub const MANIFESTS: &[&str] = &[
 ];
 
 /// How deep `-r` includes are followed, and how many files at most.
-const INCLUDE_DEPTH: usize = 8;
-const INCLUDE_FILES: usize = 64;
+pub(crate) const INCLUDE_DEPTH: usize = 8;
+pub(crate) const INCLUDE_FILES: usize = 64;
 
 /// A hex SHA-256 over the spec but its `checks` (serde_json writes object keys sorted, so equal
 /// specs hash equally), each manifest's name and content (or its absence), the files its `-r`/`-c`
@@ -137,24 +156,47 @@ pub fn inputs_digest(
         other => serde_json::to_vec(other),
     };
     h.update(spec.unwrap_or_default());
+    // Every file is read beneath the pack's open directory: a manifest or an include that
+    // leads out of the pack (a path, or a symlink) is hashed as outside, never read, so a pack
+    // cannot make the daemon read a file of the host.
+    let pack = match PackDir::open(pack_path) {
+        Ok(p) => Some(p),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(ManifestError::Io {
+                path: pack_path.to_owned(),
+                source,
+            })
+        }
+    };
+    let read = |rel: &Path| match &pack {
+        Some(p) => p.read(rel, MANIFEST_MAX_BYTES),
+        None => Ok(Found::Missing),
+    };
     let mut included = Vec::new();
     for name in MANIFESTS {
         h.update(b"\0file\0");
         h.update(name.as_bytes());
-        match read_manifest(&pack_path.join(name), MANIFEST_MAX_BYTES)? {
-            Some(content) => {
+        match read(Path::new(name))? {
+            // A manifest is the pack's own file; one that is not is that row's error, as a
+            // FIFO or a device is.
+            Found::Outside => {
+                return Err(ManifestError::Outside {
+                    path: pack_path.join(name),
+                })
+            }
+            Found::Inside(content) => {
                 h.update(b"\0present\0");
                 h.update(Sha256::digest(&content));
                 if name.ends_with(".txt") {
                     included.extend(includes(&content, Path::new("")));
                 }
             }
-            None => h.update(b"\0absent\0"),
+            Found::Missing => h.update(b"\0absent\0"),
         }
     }
-    // Included files, breadth first, each once. Only files inside the pack count: a path
-    // that leaves it is hashed as written (a change of the reference still changes the
-    // fingerprint), never read, so a pack cannot make the daemon read a file of the host.
+    // Included files, breadth first, each once. A path that leaves the pack is hashed as
+    // written (a change of the reference still changes the fingerprint).
     let mut seen = std::collections::BTreeSet::new();
     let mut depth = 0;
     while !included.is_empty() && depth < INCLUDE_DEPTH && seen.len() < INCLUDE_FILES {
@@ -165,16 +207,14 @@ pub fn inputs_digest(
             }
             h.update(b"\0include\0");
             h.update(rel.as_os_str().as_encoded_bytes());
-            match inside(pack_path, &rel) {
-                None => h.update(b"\0outside\0"),
-                Some(path) => match read_manifest(&path, MANIFEST_MAX_BYTES)? {
-                    Some(content) => {
-                        h.update(b"\0present\0");
-                        h.update(Sha256::digest(&content));
-                        next.extend(includes(&content, rel.parent().unwrap_or(Path::new(""))));
-                    }
-                    None => h.update(b"\0absent\0"),
-                },
+            match read(&rel)? {
+                Found::Outside => h.update(b"\0outside\0"),
+                Found::Inside(content) => {
+                    h.update(b"\0present\0");
+                    h.update(Sha256::digest(&content));
+                    next.extend(includes(&content, rel.parent().unwrap_or(Path::new(""))));
+                }
+                Found::Missing => h.update(b"\0absent\0"),
             }
         }
         included = next;
@@ -224,36 +264,6 @@ pub fn includes(content: &[u8], dir: &Path) -> Vec<PathBuf> {
         out.push(dir.join(target));
     }
     out
-}
-
-/// `rel` (relative to the pack, or absolute) as a path inside the pack, or None when it
-/// leaves the pack's directory, lexically or through a symlink.
-fn inside(pack_path: &Path, rel: &Path) -> Option<PathBuf> {
-    use std::path::Component;
-    if rel.is_absolute() {
-        return None;
-    }
-    let mut parts: Vec<&std::ffi::OsStr> = Vec::new();
-    for c in rel.components() {
-        match c {
-            Component::Normal(p) => parts.push(p),
-            Component::CurDir => {}
-            Component::ParentDir => {
-                parts.pop()?;
-            }
-            _ => return None,
-        }
-    }
-    let path: PathBuf = parts.iter().fold(pack_path.to_path_buf(), |p, c| p.join(c));
-    match (
-        std::fs::canonicalize(&path),
-        std::fs::canonicalize(pack_path),
-    ) {
-        (Ok(real), Ok(root)) if real.starts_with(&root) => Some(path),
-        // A missing file is hashed as absent.
-        (Err(e), _) if e.kind() == io::ErrorKind::NotFound => Some(path),
-        _ => None,
-    }
 }
 
 /// The fingerprint stored on the row: the inputs and the interpreter's version (known once the
@@ -334,6 +344,12 @@ mod tests {
         )
         .unwrap();
         inputs_digest(&spec, &pack, "").unwrap();
+        // A manifest that is itself a link out of the pack is an error, still unread.
+        std::os::unix::fs::symlink(&outside, pack.join("constraints.txt")).unwrap();
+        assert!(matches!(
+            inputs_digest(&spec, &pack, ""),
+            Err(ManifestError::Outside { .. })
+        ));
     }
     use serde_json::json;
 

@@ -20,6 +20,8 @@
 //!   paths, command lookup, `--version`.
 //! - [`toolchain`]: the interpreter a pack asks for (`runtime_dependencies`) and the one the
 //!   host has that satisfies it.
+//! - [`manifest`]: pack files read beneath the pack's directory, and the check that no include
+//!   or local path of a build's dependency manifests leads out of the pack.
 //! - [`fingerprint`]: the hash of what an environment depends on, to skip needless rebuilds.
 //! - [`inuse`]: which build directories running processes still use (read from `/proc`).
 //! - [`layout`]: where builds live under the envs root, path safety, the atomic symlink switch.
@@ -34,6 +36,7 @@ pub mod installed;
 pub mod inuse;
 pub mod layout;
 pub mod log;
+pub mod manifest;
 pub mod probe;
 pub mod runner;
 pub mod spec;

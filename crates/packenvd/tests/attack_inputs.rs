@@ -108,7 +108,11 @@ async fn fifo_device_and_huge_manifests_fail_their_rows_at_once_and_the_daemon_k
                 );
                 assert_eq!(r.attempts, 1, "permanent");
             }
-            "zero" => assert!(error.contains("is a character device"), "{error}"),
+            // A link out of the pack is not even opened.
+            "zero" => assert!(
+                error.contains("requirements.txt resolves outside the pack directory"),
+                "{error}"
+            ),
             "huge" => assert!(error.contains("package.json is larger than"), "{error}"),
             _ => unreachable!(),
         }
@@ -378,6 +382,163 @@ async fn sigterm_finishes_in_bounded_time_while_the_database_refuses_every_write
     assert_eq!(status_of(&pool, ids[2]).await, "pending", "handed back");
     println!(
         "FIGURE refused write-back: SIGTERM to exit in {:.1} s (grace 1 s)",
+        took.as_secs_f64()
+    );
+}
+
+/// The lines of a file outside every pack that no row's log or error may ever show.
+fn outside_lines(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.len() > 3)
+        .map(String::from)
+        .collect()
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn includes_and_paths_leaving_the_pack_fail_their_rows_and_leak_no_byte_of_the_outside_file(
+    pool: PgPool,
+) {
+    let env = Env::new(&[]);
+    // A file outside every pack, with a line found nowhere else.
+    let marker = format!("packenvd-marker-{}", uuid::Uuid::new_v4().simple());
+    let outside = env.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.txt"), format!("{marker}\n")).unwrap();
+    std::fs::write(
+        outside.join("pyproject.toml"),
+        format!("[project]\nname = \"{marker}\"\nversion = \"1\"\n"),
+    )
+    .unwrap();
+    std::fs::write(
+        outside.join("package.json"),
+        format!("{{\"name\": \"{marker}\", \"version\": \"1.0.0\"}}\n"),
+    )
+    .unwrap();
+    let python = |name: &str, requirements: &str| {
+        env.pack_dir(
+            name,
+            &[("requirements.txt", &format!("--no-index\n{requirements}\n"))],
+        )
+    };
+    python("shadow-r", "-r /etc/shadow");
+    python("shadow-c", "-c /etc/shadow");
+    python("escape-r", "-r ../../outside/secret.txt");
+    python("editable", "-e ../../outside");
+    python("file-url", &format!("x @ file://{}", outside.display()));
+    let link = env.pack_dir("link", &[]);
+    std::os::unix::fs::symlink("/etc/shadow", link.join("requirements.txt")).unwrap();
+    let etc = python("etc-link", "-r etc/shadow");
+    std::os::unix::fs::symlink("/etc", etc.join("etc")).unwrap();
+    let npm = env.pack_dir(
+        "npm-file",
+        &[(
+            "package.json",
+            "{\"name\": \"p\", \"version\": \"1.0.0\",\n \"dependencies\": {\"evil\": \"file:../../outside\"}}\n",
+        )],
+    );
+    // A pack whose includes stay inside (a nested -r, a -c, a symlink within the pack) builds.
+    let good = env.pack_dir("good", &[]);
+    make_wheel(&good.join("wheels"), "0.1.0");
+    std::fs::create_dir_all(good.join("req")).unwrap();
+    std::fs::write(
+        good.join("req/base.txt"),
+        format!(
+            "--no-index\n--find-links {}\n-c pins.txt\npackenvd-fixture\n",
+            good.join("wheels").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(good.join("req/pins.txt"), "packenvd-fixture==0.1.0\n").unwrap();
+    // Installers read a symlinked file's includes relative to the link's directory.
+    std::os::unix::fs::symlink("base.txt", good.join("req/link.txt")).unwrap();
+    std::fs::write(good.join("requirements.txt"), "-r req/link.txt\n").unwrap();
+
+    let rows = [
+        (
+            "shadow-r",
+            "core.python",
+            "requirements.txt, line 2: -r '/etc/shadow' resolves outside the pack directory",
+        ),
+        (
+            "shadow-c",
+            "core.python",
+            "requirements.txt, line 2: -c '/etc/shadow' resolves outside the pack directory",
+        ),
+        (
+            "escape-r",
+            "core.python",
+            "requirements.txt, line 2: -r '../../outside/secret.txt' resolves outside",
+        ),
+        (
+            "editable",
+            "core.python",
+            "requirements.txt, line 2: -e '../../outside' resolves outside",
+        ),
+        (
+            "file-url",
+            "core.python",
+            &format!(
+                "requirements.txt, line 2: a direct reference 'file://{}' resolves outside",
+                outside.display()
+            ),
+        ),
+        (
+            "link",
+            "core.python",
+            "requirements.txt (read by step 'install requirements",
+        ),
+        (
+            "etc-link",
+            "core.python",
+            "requirements.txt, line 2: -r 'etc/shadow' resolves outside",
+        ),
+        (
+            "npm-file",
+            "core.nodejs",
+            "package.json, line 2: dependencies.evil 'file:../../outside' resolves outside",
+        ),
+        ("good", "core.python", ""),
+    ];
+    let mut ids = Vec::new();
+    for (pack, runtime, _) in &rows {
+        add_pack(&pool, pack).await;
+        ids.push(request(&pool, pack, runtime).await);
+    }
+    let worker = env.worker(&pool);
+    let started = Instant::now();
+    while worker.drain().await.unwrap() > 0 {}
+    let took = started.elapsed();
+
+    let mut secrets = outside_lines(std::path::Path::new("/etc/shadow"));
+    secrets.push(marker.clone());
+    for ((pack, _, expected), id) in rows.iter().zip(ids) {
+        let r = row(&pool, id).await;
+        let error = r.install_error.clone().unwrap_or_default();
+        let log = r.install_log.clone().unwrap_or_default();
+        for s in &secrets {
+            assert!(
+                !error.contains(s.as_str()) && !log.contains(s.as_str()),
+                "{pack}: a line of a file outside the pack reached the row:\n{error}\n{log}"
+            );
+        }
+        if *pack == "good" {
+            assert_eq!(r.status, "ready", "{error}\n{log}");
+            continue;
+        }
+        assert_eq!(
+            (r.status.as_str(), r.attempts),
+            ("failed", 1),
+            "{pack}: {error}"
+        );
+        assert!(error.contains(expected), "{pack}: {error}");
+        assert!(!log.contains("==> step"), "{pack}: a step ran:\n{log}");
+    }
+    let _ = npm;
+    println!(
+        "FIGURE 8 hostile includes refused and a good pack built in {:.1} s",
         took.as_secs_f64()
     );
 }

@@ -72,12 +72,19 @@ async fn a_python_pack_with_a_local_wheel_becomes_ready_and_imports_it(pool: PgP
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn a_node_pack_with_a_file_dependency_becomes_ready_and_requires_it(pool: PgPool) {
     let env = Env::new(&[]);
-    let dep = fixtures().join("node-dep").canonicalize().unwrap();
+    // The dependency lies inside the pack (a path out of it is refused), named absolutely:
+    // core.nodejs runs npm on a copy of package.json in the build directory.
+    let pack = env.pack_dir("nodep", &[]);
+    let dep = pack.join("node-dep");
+    std::fs::create_dir_all(&dep).unwrap();
+    for f in ["index.js", "package.json"] {
+        std::fs::copy(fixtures().join("node-dep").join(f), dep.join(f)).unwrap();
+    }
     let package_json = serde_json::json!({
         "name": "nodep", "version": "1.0.0", "private": true,
         "dependencies": {"packenvd-fixture-dep": format!("file:{}", dep.display())}
     });
-    env.pack_dir("nodep", &[("package.json", &package_json.to_string())]);
+    std::fs::write(pack.join("package.json"), package_json.to_string()).unwrap();
     add_pack(&pool, "nodep").await;
     let id = request(&pool, "nodep", "core.nodejs").await;
     env.worker(&pool).drain().await.unwrap();

@@ -294,12 +294,18 @@ async fn packenvd_verify_finds_a_deleted_module_file_and_a_pass_after_the_rebuil
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
 async fn packenvd_verify_fails_a_node_environment_whose_node_modules_was_deleted(pool: PgPool) {
     let env = Env::new(&[]);
-    let dep = fixtures().join("node-dep").canonicalize().unwrap();
+    // The dependency lies inside the pack: a path out of it is refused.
+    let pack = env.pack_dir("nodep", &[]);
+    let dep = pack.join("node-dep");
+    std::fs::create_dir_all(&dep).unwrap();
+    for f in ["index.js", "package.json"] {
+        std::fs::copy(fixtures().join("node-dep").join(f), dep.join(f)).unwrap();
+    }
     let package_json = json!({
         "name": "nodep", "version": "1.0.0", "private": true,
         "dependencies": {"packenvd-fixture-dep": format!("file:{}", dep.display())}
     });
-    env.pack_dir("nodep", &[("package.json", &package_json.to_string())]);
+    std::fs::write(pack.join("package.json"), package_json.to_string()).unwrap();
     add_pack(&pool, "nodep").await;
     let id = request(&pool, "nodep", "core.nodejs").await;
     env.worker(&pool).drain().await.unwrap();

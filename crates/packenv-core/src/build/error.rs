@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use crate::fingerprint::ManifestError;
 use crate::layout::LayoutError;
+use crate::manifest::IncludeError;
 use crate::runner::Outcome;
 use crate::spec::SpecError;
 use crate::template::TemplateError;
@@ -83,6 +84,9 @@ pub enum BuildError {
     /// A dependency manifest of the pack is not a regular file of sane size.
     #[error(transparent)]
     Manifest(#[from] ManifestError),
+    /// A manifest a step reads, or a file or path it includes, leads out of the pack.
+    #[error(transparent)]
+    Include(#[from] IncludeError),
     /// The file system refused something packenvd needed (a cache directory).
     #[error("{what} {}: {source}", path.display())]
     Io {
@@ -134,6 +138,7 @@ impl BuildError {
             ),
             BuildError::PackMissing { .. } | BuildError::Io { .. } => true,
             BuildError::Manifest(e) => e.retryable(),
+            BuildError::Include(e) => e.retryable(),
             BuildError::Step { outcome, tail, .. } => match outcome {
                 Outcome::SpawnFailed(e) => !matches!(
                     e.kind(),
@@ -160,6 +165,7 @@ impl BuildError {
             BuildError::Executable { .. } => "executable",
             BuildError::Io { .. } => "io",
             BuildError::Manifest(_) => "manifest",
+            BuildError::Include(_) => "include",
             BuildError::Cancelled => "cancelled",
         }
     }

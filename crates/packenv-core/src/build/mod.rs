@@ -31,7 +31,7 @@ use crate::layout::{self, EnvLocation, LayoutError};
 use crate::log::{tail_lines, BuildLog};
 use crate::runner::{self, Outcome};
 use crate::target::{BuildConfig, Target};
-use crate::{blocking, probe, toolchain};
+use crate::{blocking, manifest, probe, toolchain};
 
 /// How long an executable may take to answer `--version` at the end of a build.
 const EXECUTABLE_CHECK_TIMEOUT: Duration = Duration::from_secs(30);
@@ -204,6 +204,12 @@ async fn prepare(
     let plan = Plan::new(
         cfg, target, installers, &spec, &loc, &build_dir, &tmp, &tools,
     )?;
+    // Before any step runs: an installer would follow what the pack's manifests name, and
+    // print what it read into the row's log.
+    let (pack, steps) = (plan.pack_path.clone(), plan.step_paths());
+    blocking(move || manifest::check_steps(&pack, &steps))
+        .await
+        .map_err(BuildError::from)?;
     Ok(Ok(Prepared {
         spec,
         loc,

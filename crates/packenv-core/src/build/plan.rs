@@ -268,6 +268,15 @@ impl Plan {
         })
     }
 
+    /// Each step's name, working directory and arguments: what [`crate::manifest::check_steps`]
+    /// looks for pack files in.
+    pub fn step_paths(&self) -> Vec<(String, PathBuf, Vec<String>)> {
+        self.steps
+            .iter()
+            .map(|s| (s.name.clone(), s.inv.cwd.clone(), s.inv.args.clone()))
+            .collect()
+    }
+
     /// The PATH steps and executables are looked up on.
     pub fn path_var(&self) -> &str {
         self.base_env.get("PATH").map_or("", String::as_str)

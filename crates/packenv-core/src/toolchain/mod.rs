@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{LazyLock, Mutex};
 use std::time::Duration;
 
-use crate::fingerprint::{read_manifest, ManifestError};
+use crate::fingerprint::ManifestError;
 use crate::spec::Interpreter;
 
 pub use version::{Constraint, Version};
@@ -64,7 +64,9 @@ pub fn pack_yaml_requirements(
     interp: Interpreter,
 ) -> Result<Vec<Requirement>, ToolchainError> {
     let path = pack_path.join("pack.yaml");
-    let Some(bytes) = read_manifest(&path, PACK_YAML_MAX_BYTES)? else {
+    // Beneath the pack: a pack.yaml linked to a host file would show its lines in a parse error.
+    let Some(bytes) = crate::manifest::read_pack_file(pack_path, "pack.yaml", PACK_YAML_MAX_BYTES)?
+    else {
         return Ok(Vec::new());
     };
     let bad = |problem: String| ToolchainError::PackYaml {
