@@ -1,7 +1,8 @@
 //! The checks of a ready environment (DESIGN §7), cheapest first: the link, the executables, the
-//! inputs, the installed packages (Python: every recorded file exists, then `pip check`;
-//! Node.js: `npm ls` finds every dependency), then the runtime's own `checks`. No database: the
-//! `packenvd` crate takes the rows and writes the results.
+//! inputs, the installed packages (Python: every recorded file exists and has the sha256 it was
+//! installed with, then `pip check`; Node.js: `npm ls` finds every dependency), then the
+//! runtime's own `checks`. No database: the `packenvd` crate takes the rows and writes the
+//! results.
 //!
 //! What runs is derived from the runtime's spec and the build directory the link names, never
 //! from the row's `metadata` (DESIGN §6: no path is run because a row names it).
@@ -264,12 +265,20 @@ async fn run_checks(
         }
     }
 
-    // 4. For Python: every file each installed distribution recorded is still there, read by
-    // the daemon (a deleted module breaks the action while the interpreter runs and pip check,
-    // which reads only metadata, passes).
+    // 4. For Python: every file each installed distribution recorded is still there and, where
+    // RECORD gives its sha256, still what was installed, read by the daemon (a deleted or
+    // rewritten module breaks the action while the interpreter runs and pip check, which reads
+    // only metadata, passes). Hashing stops at the checks' timeout, and when this future is
+    // dropped (the blocking thread cannot be aborted, only told).
     let b = build.to_owned();
-    blocking(move || crate::installed::check_python(&b, crate::installed::Budget::default()))
-        .await?;
+    let budget = crate::installed::Budget {
+        deadline: Some(std::time::Instant::now() + cfg.timeout),
+        ..crate::installed::Budget::default()
+    };
+    let cancelled = CancelOnDrop::default();
+    let flag = cancelled.0.clone();
+    blocking(move || crate::installed::check_python(&b, budget, &flag)).await?;
+    drop(cancelled);
 
     // 5. For Python: installed packages are consistent. A venv without pip is checked with
     // the host's uv, else with the chosen interpreter's pip pointed at it.
@@ -340,6 +349,16 @@ async fn run_checks(
         }
     }
     Ok(())
+}
+
+/// A flag set when it is dropped: tells blocking work that its result is no longer wanted.
+#[derive(Default)]
+struct CancelOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// `npm ls` over the production dependencies of a Node.js build with a `package.json`, confined

@@ -1,14 +1,20 @@
-//! Whether the files Python installers recorded as installed are still there: every
-//! `*.dist-info/RECORD` in a build's `site-packages`, read by the daemon itself. Nothing of the
-//! environment runs, so a venv whose module file was deleted is found broken even when its
-//! interpreter still answers `--version` and `pip check` (which reads only metadata) passes.
+//! Whether the files Python installers recorded as installed are still there and still what
+//! was installed: every `*.dist-info/RECORD` in a build's `site-packages`, read by the daemon
+//! itself. Nothing of the environment runs, so a venv whose module file was deleted or
+//! rewritten (by a step of another pack, through a shared cache: DESIGN §6) is found broken
+//! even when its interpreter still answers `--version` and `pip check` (which reads only
+//! metadata) passes. Each file listed with a `sha256=` hash is hashed and compared; files
+//! listed without one (the RECORD itself, bytecode) are only looked up.
 //!
 //! A RECORD is untrusted input, written by whatever a step installed (DESIGN §6): it is read
 //! only when it is a regular file below a size cap, opened non-blocking and without following a
 //! symlink; the paths it lists are looked up relative to the open build directory, never
-//! outside it, and without reading or running what they name. The whole check is bounded in
-//! the number of distributions, RECORD bytes and entries, so a hostile environment costs a
-//! bounded amount of work.
+//! outside it, and without running what they name; only regular files are read, opened without
+//! following a link out of the build. The whole check is bounded in the number of
+//! distributions, RECORD bytes and entries, bytes hashed and time, so a hostile environment
+//! costs a bounded amount of work.
+
+mod hash;
 
 use std::ffi::OsStr;
 use std::io::{BufRead, BufReader, Read};
@@ -16,6 +22,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
 
 use rustix::fs::{AtFlags, FileType, Mode, OFlags, ResolveFlags};
 use rustix::io::Errno;
@@ -27,8 +34,9 @@ use crate::fsat;
 /// thousands of files, a few MiB); past this it is not a list of installed files.
 pub const RECORD_MAX_BYTES: u64 = 16 << 20;
 
-/// How much one check reads and looks up at most, whatever the environment holds. Past any of
-/// these the rest is left unchecked (and logged): a rebuild would not make it smaller.
+/// How much one check reads, looks up and hashes at most, whatever the environment holds.
+/// Past any of these the rest is left unchecked (and logged): a rebuild would not make it
+/// smaller. Past `hashed` or `deadline` the rest is still looked up, only not hashed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Budget {
     /// `*.dist-info` directories looked at.
@@ -37,6 +45,11 @@ pub struct Budget {
     pub bytes: u64,
     /// Entries looked up on disk, all together.
     pub entries: usize,
+    /// Bytes of installed files hashed, all together. The default covers the largest
+    /// environments in use (a CUDA build of torch is some 5 GB) at a few seconds of one core.
+    pub hashed: u64,
+    /// When hashing stops (the checks' timeout): a slow disk is not the environment's fault.
+    pub deadline: Option<Instant>,
 }
 
 impl Default for Budget {
@@ -45,6 +58,8 @@ impl Default for Budget {
             distributions: 20_000,
             bytes: 256 << 20,
             entries: 1_000_000,
+            hashed: 8 << 30,
+            deadline: None,
         }
     }
 }
@@ -64,12 +79,32 @@ pub enum RecordProblem {
         /// How many more are missing.
         more: usize,
     },
+    #[error("package {package}: {path} differs from what was installed (sha256 in RECORD {recorded}, {found})")]
+    Differs {
+        /// `name version`, as for [`RecordProblem::Missing`].
+        package: String,
+        /// The file, as the RECORD lists it.
+        path: String,
+        /// The sha256 the RECORD gives, in its encoding.
+        recorded: String,
+        /// What is there now: `on disk <sha256>`, or `on disk a symbolic link`...
+        found: String,
+    },
+    #[error("package {package}: RECORD lists {path} with the malformed hash {hash:?} (not sha256=<43 characters of URL-safe base64>): what was installed cannot be told")]
+    MalformedHash {
+        package: String,
+        path: String,
+        hash: String,
+    },
     #[error("cannot check the installed files of {dist}: {source}")]
     Unreadable {
         dist: String,
         #[source]
         source: ManifestError,
     },
+    /// The caller gave up on the check (its future was dropped).
+    #[error("the check of the installed files was cancelled")]
+    Cancelled,
 }
 
 fn name_files(missing: &[String], more: usize) -> String {
@@ -81,16 +116,28 @@ fn name_files(missing: &[String], more: usize) -> String {
 }
 
 /// Checks every distribution installed in the Python environment at `build` (a venv:
-/// `lib/python*/site-packages`); Ok when all their recorded files exist, or when `build` holds
-/// no Python environment. Blocking: call it off the async threads.
-pub fn check_python(build: &Path, budget: Budget) -> Result<(), RecordProblem> {
+/// `lib/python*/site-packages`); Ok when all their recorded files exist and those recorded
+/// with a sha256 still have it, or when `build` holds no Python environment. Blocking: call it
+/// off the async threads; setting `cancelled` stops it at the next file or chunk.
+pub fn check_python(
+    build: &Path,
+    budget: Budget,
+    cancelled: &AtomicBool,
+) -> Result<(), RecordProblem> {
     let unreadable =
         |dist: &str, path: PathBuf, source: std::io::Error| RecordProblem::Unreadable {
             dist: dist.to_owned(),
             source: ManifestError::Io { path, source },
         };
     let root = open_dir(build).map_err(|e| unreadable("the environment", build.to_owned(), e))?;
-    let mut left = budget;
+    let mut walk = Walk {
+        root: &root,
+        build,
+        left: budget,
+        hashing: true,
+        hash_cap: budget.hashed,
+        cancelled,
+    };
     for (site_rel, site) in
         site_packages(&root).map_err(|e| unreadable("the environment", build.to_owned(), e))?
     {
@@ -103,11 +150,11 @@ pub fn check_python(build: &Path, budget: Budget) -> Result<(), RecordProblem> {
         // The same environment always reports the same first broken distribution.
         dists.sort();
         for name in dists {
-            if left.distributions == 0 {
+            if walk.left.distributions == 0 {
                 tracing::warn!(build = %build.display(), "more distributions than a check looks at; the rest are not checked");
                 return Ok(());
             }
-            left.distributions -= 1;
+            walk.left.distributions -= 1;
             let name = OsStr::from_bytes(name.to_bytes())
                 .to_string_lossy()
                 .into_owned();
@@ -128,23 +175,48 @@ pub fn check_python(build: &Path, budget: Budget) -> Result<(), RecordProblem> {
                 continue;
             };
             let found =
-                missing_files(&root, build, &site_rel, record, &mut left).map_err(|source| {
-                    RecordProblem::Unreadable {
+                walk.record(&site_rel, record)
+                    .map_err(|source| RecordProblem::Unreadable {
                         dist: name.clone(),
                         source: ManifestError::Io {
                             path: record_path.clone(),
                             source,
                         },
-                    }
-                })?;
-            if let Some((missing, more)) = found {
+                    })?;
+            if cancelled.load(Ordering::Relaxed) {
+                return Err(RecordProblem::Cancelled);
+            }
+            let package = || package_name(&dist, &name);
+            if !found.missing.is_empty() {
                 return Err(RecordProblem::Missing {
-                    package: package_name(&dist, &name),
-                    missing,
-                    more,
+                    package: package(),
+                    missing: found.missing,
+                    more: found.more,
                 });
             }
-            if left.entries == 0 || left.bytes == 0 {
+            match found.changed {
+                Some(Changed::Differs {
+                    path,
+                    recorded,
+                    found,
+                }) => {
+                    return Err(RecordProblem::Differs {
+                        package: package(),
+                        path,
+                        recorded,
+                        found,
+                    })
+                }
+                Some(Changed::Malformed { path, hash }) => {
+                    return Err(RecordProblem::MalformedHash {
+                        package: package(),
+                        path,
+                        hash,
+                    })
+                }
+                None => {}
+            }
+            if walk.left.entries == 0 || walk.left.bytes == 0 {
                 tracing::warn!(build = %build.display(), "more installed files than a check looks at; the rest are not checked");
                 return Ok(());
             }
@@ -199,60 +271,216 @@ fn optional_dir(dir: &OwnedFd, name: &str) -> std::io::Result<Option<OwnedFd>> {
     }
 }
 
-/// Reads `record` line by line and looks each listed file up under `root` (the build at
-/// `build`); Some(first missing, how many more) when any is missing.
-fn missing_files(
-    root: &OwnedFd,
-    build: &Path,
-    site_rel: &Path,
-    record: std::fs::File,
-    left: &mut Budget,
-) -> std::io::Result<Option<(Vec<String>, usize)>> {
-    // The size was checked when it was opened; `take` holds even if the file grows since.
-    let mut reader = BufReader::new(record.take(RECORD_MAX_BYTES.min(left.bytes)));
-    let (mut missing, mut more) = (Vec::new(), 0usize);
-    let mut line = Vec::new();
-    loop {
-        line.clear();
-        let n = reader.read_until(b'\n', &mut line)?;
-        if n == 0 {
-            break;
+/// One check's walk over the RECORDs of a build: where it is, and what it may still spend.
+struct Walk<'a> {
+    /// The build, open.
+    root: &'a OwnedFd,
+    /// The build's path, for absolute RECORD entries and logs.
+    build: &'a Path,
+    left: Budget,
+    /// False once `left.hashed` or the deadline ran out: the rest is only looked up.
+    hashing: bool,
+    /// `Budget::hashed` at the start, for the log.
+    hash_cap: u64,
+    cancelled: &'a AtomicBool,
+}
+
+/// What one RECORD's files are like on disk.
+#[derive(Debug, Default)]
+struct Found {
+    /// The first missing files, as the RECORD lists them.
+    missing: Vec<String>,
+    /// How many more are missing.
+    more: usize,
+    /// The first file that is not what was installed.
+    changed: Option<Changed>,
+}
+
+#[derive(Debug)]
+enum Changed {
+    Differs {
+        path: String,
+        recorded: String,
+        found: String,
+    },
+    Malformed {
+        path: String,
+        hash: String,
+    },
+}
+
+impl Walk<'_> {
+    /// Reads `record` line by line, looks each listed file up and hashes those listed with a
+    /// sha256, until the first one that differs (the rest are still looked up).
+    fn record(&mut self, site_rel: &Path, record: std::fs::File) -> std::io::Result<Found> {
+        // The size was checked when it was opened; `take` holds even if the file grows since.
+        let mut reader = BufReader::new(record.take(RECORD_MAX_BYTES.min(self.left.bytes)));
+        let mut found = Found::default();
+        let mut line = Vec::new();
+        loop {
+            line.clear();
+            let n = reader.read_until(b'\n', &mut line)?;
+            if n == 0 || self.cancelled.load(Ordering::Relaxed) {
+                break;
+            }
+            self.left.bytes = self.left.bytes.saturating_sub(n as u64);
+            let (listed, hash_field) = fields(&line);
+            let Some(rel) = inside_build(listed, self.build, site_rel) else {
+                continue;
+            };
+            if self.left.entries == 0 {
+                break;
+            }
+            self.left.entries -= 1;
+            let listed_text = || String::from_utf8_lossy(listed).into_owned();
+            let recorded = match hash::parse(hash_field) {
+                Ok(hash::Recorded::Sha256(d)) if found.changed.is_none() && self.hashing => Some(d),
+                Ok(_) => None,
+                Err(hash::Malformed) => {
+                    found.changed.get_or_insert_with(|| Changed::Malformed {
+                        path: listed_text(),
+                        hash: String::from_utf8_lossy(hash_field).into_owned(),
+                    });
+                    None
+                }
+            };
+            let on_disk = match recorded {
+                Some(digest) => self.compare(&rel, &digest),
+                None => match exists(self.root, &rel) {
+                    Some(false) => OnDisk::Missing,
+                    _ => OnDisk::Same,
+                },
+            };
+            match on_disk {
+                OnDisk::Same => {}
+                OnDisk::Missing if found.missing.len() < NAMED => found.missing.push(listed_text()),
+                OnDisk::Missing => found.more += 1,
+                OnDisk::Differs(what) => {
+                    found.changed = Some(Changed::Differs {
+                        path: listed_text(),
+                        recorded: hash::encode(recorded.as_ref().expect("hashed")),
+                        found: what,
+                    })
+                }
+            }
         }
-        left.bytes = left.bytes.saturating_sub(n as u64);
-        let listed = first_field(&line);
-        let Some(rel) = inside_build(listed, build, site_rel) else {
-            continue;
+        Ok(found)
+    }
+
+    /// Whether the file at `rel` still has the sha256 `recorded`. A file that cannot be judged
+    /// without leaving the build, or once the hashing budget is spent, counts as the same.
+    fn compare(&mut self, rel: &Path, recorded: &[u8; 32]) -> OnDisk {
+        let st = match find(self.root, rel, OFlags::PATH) {
+            Lookup::No => return OnDisk::Missing,
+            Lookup::Unknown => return OnDisk::Same,
+            Lookup::Yes(fd) => match rustix::fs::fstat(&fd) {
+                Ok(st) => st,
+                Err(_) => return OnDisk::Same,
+            },
         };
-        if left.entries == 0 {
-            break;
+        let kind = FileType::from_raw_mode(st.st_mode);
+        if kind != FileType::RegularFile {
+            // Installers record hashes of the regular files they wrote; a link, a FIFO or a
+            // directory in the place of one is not what was installed, and is not opened.
+            return OnDisk::Differs(format!("on disk {}", describe(kind)));
         }
-        left.entries -= 1;
-        if exists(root, &rel) == Some(false) {
-            if missing.len() < NAMED {
-                missing.push(String::from_utf8_lossy(listed).into_owned());
-            } else {
-                more += 1;
+        if st.st_size as u64 > self.left.hashed {
+            self.stop_hashing("bytes");
+            return OnDisk::Same;
+        }
+        // Opened again to read: the first open only looked. It must be the same file.
+        let file = match find(
+            self.root,
+            rel,
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY,
+        ) {
+            Lookup::Yes(fd) => std::fs::File::from(fd),
+            Lookup::No => return OnDisk::Missing,
+            Lookup::Unknown => return OnDisk::Same,
+        };
+        match rustix::fs::fstat(&file) {
+            Ok(again) if (again.st_dev, again.st_ino) == (st.st_dev, st.st_ino) => {}
+            _ => return OnDisk::Same,
+        }
+        match hash::sha256(
+            &file,
+            &mut self.left.hashed,
+            self.left.deadline,
+            self.cancelled,
+        ) {
+            Ok(d) if &d == recorded => OnDisk::Same,
+            Ok(d) => OnDisk::Differs(format!("on disk {}", hash::encode(&d))),
+            Err(hash::Unhashed::Budget) => {
+                self.stop_hashing("bytes");
+                OnDisk::Same
+            }
+            Err(hash::Unhashed::Deadline) => {
+                self.stop_hashing("time");
+                OnDisk::Same
+            }
+            Err(hash::Unhashed::Cancelled) => OnDisk::Same,
+            // Read errors of a file that opened as a regular file of the build: the disk's
+            // fault, not a sign that the file changed.
+            Err(hash::Unhashed::Io(e)) => {
+                tracing::warn!(build = %self.build.display(), file = %rel.display(), error = %e, "cannot read an installed file to hash it; not compared");
+                OnDisk::Same
             }
         }
     }
-    Ok((!missing.is_empty()).then_some((missing, more)))
+
+    fn stop_hashing(&mut self, what: &str) {
+        if self.hashing {
+            self.hashing = false;
+            tracing::warn!(
+                build = %self.build.display(),
+                hashed_bytes_cap = self.hash_cap,
+                "the {what} one verification may spend hashing installed files ran out; the rest are only checked for presence"
+            );
+        }
+    }
 }
 
-/// The path a RECORD line names: its first CSV field, quotes undone.
-fn first_field(line: &[u8]) -> &[u8] {
+/// What one listed file is like on disk.
+enum OnDisk {
+    Same,
+    Missing,
+    /// Not what was installed: what is there instead.
+    Differs(String),
+}
+
+fn describe(kind: FileType) -> &'static str {
+    match kind {
+        FileType::Symlink => "a symbolic link",
+        FileType::Directory => "a directory",
+        FileType::Fifo => "a FIFO",
+        FileType::Socket => "a socket",
+        FileType::CharacterDevice | FileType::BlockDevice => "a device",
+        _ => "not a regular file",
+    }
+}
+
+/// The path a RECORD line names and its hash: its first two CSV fields, quotes undone.
+fn fields(line: &[u8]) -> (&[u8], &[u8]) {
     let line = line.strip_suffix(b"\n").unwrap_or(line);
     let line = line.strip_suffix(b"\r").unwrap_or(line);
-    if let Some(rest) = line.strip_prefix(b"\"") {
+    let (path, rest) = field(line);
+    let (hash, _) = rest.strip_prefix(b",").map_or((&b""[..], &b""[..]), field);
+    (path, hash)
+}
+
+/// The first CSV field of `text` and what follows it (from the comma on).
+fn field(text: &[u8]) -> (&[u8], &[u8]) {
+    if let Some(rest) = text.strip_prefix(b"\"") {
         // A quoted field ends at a quote not doubled. Doubled quotes inside are rare enough
         // in file names that such an entry is skipped rather than unescaped.
         return match rest.iter().position(|&b| b == b'"') {
-            Some(end) if rest.get(end + 1) != Some(&b'"') => &rest[..end],
-            _ => b"",
+            Some(end) if rest.get(end + 1) != Some(&b'"') => (&rest[..end], &rest[end + 1..]),
+            _ => (b"", b""),
         };
     }
-    match line.iter().position(|&b| b == b',') {
-        Some(end) => &line[..end],
-        None => line,
+    match text.iter().position(|&b| b == b',') {
+        Some(end) => text.split_at(end),
+        None => (text, b""),
     }
 }
 
@@ -300,36 +528,55 @@ static NO_OPENAT2: AtomicBool = AtomicBool::new(false);
 /// not. The last component is never followed, and nothing is opened for reading, so a FIFO or
 /// a device listed costs nothing.
 fn exists(root: &OwnedFd, rel: &Path) -> Option<bool> {
+    match find(root, rel, OFlags::PATH) {
+        Lookup::Yes(_) => Some(true),
+        Lookup::No => Some(false),
+        Lookup::Unknown => None,
+    }
+}
+
+/// What looking a listed path up found.
+enum Lookup {
+    /// It is there, opened with the flags asked for.
+    Yes(OwnedFd),
+    No,
+    /// It cannot be told without leaving the build or doing what the daemon may not.
+    Unknown,
+}
+
+/// Opens `rel` under `root` with `flags` (and never following its last component); links
+/// inside the build are followed where openat2 can keep them inside, never out of it.
+fn find(root: &OwnedFd, rel: &Path, flags: OFlags) -> Lookup {
+    let flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
     if !NO_OPENAT2.load(Ordering::Relaxed) {
-        // Links inside the build are followed, never out of it.
         match rustix::fs::openat2(
             root,
             rel,
-            OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            flags,
             Mode::empty(),
             ResolveFlags::BENEATH | ResolveFlags::NO_MAGICLINKS,
         ) {
-            Ok(_) => return Some(true),
-            Err(Errno::NOENT | Errno::NOTDIR) => return Some(false),
+            Ok(fd) => return Lookup::Yes(fd),
+            Err(Errno::NOENT | Errno::NOTDIR) => return Lookup::No,
             Err(Errno::NOSYS | Errno::PERM) => NO_OPENAT2.store(true, Ordering::Relaxed),
-            Err(_) => return None,
+            Err(_) => return Lookup::Unknown,
         }
     }
-    exists_following_no_link(root, rel)
+    find_following_no_link(root, rel, flags)
 }
 
-/// [`exists`] without openat2: one component at a time, following no link at all, so an entry
+/// [`find`] without openat2: one component at a time, following no link at all, so an entry
 /// behind a link is left unjudged.
-fn exists_following_no_link(root: &OwnedFd, rel: &Path) -> Option<bool> {
+fn find_following_no_link(root: &OwnedFd, rel: &Path, flags: OFlags) -> Lookup {
     let mut dir: Option<OwnedFd> = None;
     let mut parts = rel.components().peekable();
     while let Some(Component::Normal(part)) = parts.next() {
         let at = dir.as_ref().map_or(root.as_fd(), |d| d.as_fd());
         if parts.peek().is_none() {
-            return match rustix::fs::statat(at, part, AtFlags::SYMLINK_NOFOLLOW) {
-                Ok(_) => Some(true),
-                Err(Errno::NOENT | Errno::NOTDIR) => Some(false),
-                Err(_) => None,
+            return match rustix::fs::openat(at, part, flags, Mode::empty()) {
+                Ok(fd) => Lookup::Yes(fd),
+                Err(Errno::NOENT | Errno::NOTDIR) => Lookup::No,
+                Err(_) => Lookup::Unknown,
             };
         }
         match rustix::fs::openat(
@@ -342,14 +589,16 @@ fn exists_following_no_link(root: &OwnedFd, rel: &Path) -> Option<bool> {
             Err(Errno::NOENT | Errno::NOTDIR) => {
                 // A link where a directory was expected is ENOTDIR too: say nothing of it.
                 return match rustix::fs::statat(at, part, AtFlags::SYMLINK_NOFOLLOW) {
-                    Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => None,
-                    _ => Some(false),
+                    Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Symlink => {
+                        Lookup::Unknown
+                    }
+                    _ => Lookup::No,
                 };
             }
-            Err(_) => return None,
+            Err(_) => return Lookup::Unknown,
         }
     }
-    None
+    Lookup::Unknown
 }
 
 /// Opens `name` in `dir` for reading if it is a regular file of at most `max` bytes: None when
@@ -450,6 +699,11 @@ fn open_dir(path: &Path) -> std::io::Result<OwnedFd> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::Digest as _;
+
+    fn check(build: &Path, budget: Budget) -> Result<(), RecordProblem> {
+        check_python(build, budget, &AtomicBool::new(false))
+    }
 
     /// A venv-shaped build with one distribution whose RECORD is `record`.
     fn venv(record: &str) -> (tempfile::TempDir, PathBuf) {
@@ -474,17 +728,18 @@ mod tests {
     #[test]
     fn a_complete_distribution_passes_with_scripts_caches_and_outside_paths() {
         let (_dir, build) = venv(
-            "demo/__init__.py,sha256=x,0\n\
+            "demo/__init__.py,sha256=47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU,0\n\
              demo/__pycache__/__init__.cpython-311.pyc,,\n\
              demo/gone.pyc,,\n\
-             ../../../bin/demo,sha256=y,1\n\
+             ../../../bin/demo,sha256=47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU,0\n\
+             demo/__init__.py,sha512=not-checked,1\n\
              ../../../../../../etc/passwd,,\n\
              /etc/shadow,,\n\
              \"demo/__init__.py\",,\n\
              demo-0.1.dist-info/RECORD,,\n\
              \n",
         );
-        check_python(&build, Budget::default()).unwrap();
+        check(&build, Budget::default()).unwrap();
     }
 
     #[test]
@@ -497,18 +752,121 @@ mod tests {
         let mut text = std::fs::read_to_string(&record).unwrap();
         text.push_str(&format!("{},,\n", absolute.display()));
         std::fs::write(&record, text).unwrap();
-        let err = check_python(&build, Budget::default()).unwrap_err();
+        let err = check(&build, Budget::default()).unwrap_err();
         assert_eq!(
             err.to_string(),
             "package Demo-Pkg 0.1 is missing demo/a.py, ../../../bin/gone, demo/b.py and 2 more file(s)"
         );
     }
 
+    /// The RECORD hash of an empty file, which `venv` makes `demo/__init__.py`.
+    const EMPTY_SHA256: &str = "47DEQpj8HBSa-_TImW-5JCeuQeRkm5NMpJWZG3hSuFU";
+
+    /// A venv whose RECORD lists `demo/__init__.py` (empty) with its sha256.
+    fn hashed_venv() -> (tempfile::TempDir, PathBuf, PathBuf) {
+        let (dir, build) = venv(&format!(
+            "demo/__init__.py,sha256={EMPTY_SHA256},0\ndemo-0.1.dist-info/RECORD,,\n"
+        ));
+        let module = build.join("lib/python3.11/site-packages/demo/__init__.py");
+        (dir, build, module)
+    }
+
+    #[test]
+    fn a_file_changed_after_install_names_the_package_the_file_and_both_hashes() {
+        let (_dir, build, module) = hashed_venv();
+        check(&build, Budget::default()).unwrap();
+        std::fs::write(&module, "import os\n").unwrap();
+        let err = check(&build, Budget::default()).unwrap_err();
+        let now = hash::encode(&sha2::Sha256::digest(b"import os\n").into());
+        assert_eq!(
+            err.to_string(),
+            format!("package Demo-Pkg 0.1: demo/__init__.py differs from what was installed (sha256 in RECORD {EMPTY_SHA256}, on disk {now})")
+        );
+    }
+
+    #[test]
+    fn a_missing_file_is_named_before_a_changed_one() {
+        let (_dir, build) = venv(&format!(
+            "demo/__init__.py,sha256={EMPTY_SHA256},0\ndemo/gone.py,sha256={EMPTY_SHA256},0\n"
+        ));
+        std::fs::write(
+            build.join("lib/python3.11/site-packages/demo/__init__.py"),
+            "x",
+        )
+        .unwrap();
+        let err = check(&build, Budget::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "package Demo-Pkg 0.1 is missing demo/gone.py"
+        );
+    }
+
+    #[test]
+    fn a_link_or_a_fifo_in_place_of_a_hashed_file_differs_and_is_not_opened() {
+        let (_dir, build, module) = hashed_venv();
+        std::fs::remove_file(&module).unwrap();
+        std::os::unix::fs::symlink("/etc/passwd", &module).unwrap();
+        let err = check(&build, Budget::default()).unwrap_err();
+        assert!(
+            err.to_string().ends_with(&format!(
+                "(sha256 in RECORD {EMPTY_SHA256}, on disk a symbolic link)"
+            )),
+            "{err}"
+        );
+        std::fs::remove_file(&module).unwrap();
+        nix::unistd::mkfifo(&module, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let err = check(&build, Budget::default()).unwrap_err();
+        assert!(err.to_string().ends_with("on disk a FIFO)"), "{err}");
+    }
+
+    #[test]
+    fn a_malformed_hash_fails_the_check_naming_the_file_and_the_hash() {
+        let (_dir, build) = venv("demo/__init__.py,sha256=not*base64,0\n");
+        let err = check(&build, Budget::default()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "package Demo-Pkg 0.1: RECORD lists demo/__init__.py with the malformed hash \"sha256=not*base64\" (not sha256=<43 characters of URL-safe base64>): what was installed cannot be told"
+        );
+        let (_dir, build) = venv("\"demo/__init__.py\",\"sha256\",0\n");
+        assert!(matches!(
+            check(&build, Budget::default()),
+            Err(RecordProblem::MalformedHash { .. })
+        ));
+    }
+
+    #[test]
+    fn past_the_bytes_or_the_time_to_hash_files_are_only_looked_up() {
+        let (_dir, build, module) = hashed_venv();
+        std::fs::write(&module, "changed").unwrap();
+        let no_bytes = Budget {
+            hashed: 3,
+            ..Budget::default()
+        };
+        check(&build, no_bytes).unwrap();
+        let no_time = Budget {
+            deadline: Some(Instant::now()),
+            ..Budget::default()
+        };
+        check(&build, no_time).unwrap();
+        std::fs::remove_file(&module).unwrap();
+        assert!(matches!(
+            check(&build, no_bytes),
+            Err(RecordProblem::Missing { .. })
+        ));
+    }
+
+    #[test]
+    fn a_cancelled_check_says_so_instead_of_passing() {
+        let (_dir, build, _) = hashed_venv();
+        let err = check_python(&build, Budget::default(), &AtomicBool::new(true)).unwrap_err();
+        assert!(matches!(err, RecordProblem::Cancelled), "{err}");
+    }
+
     #[test]
     fn a_build_without_site_packages_has_nothing_to_check() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("node_modules")).unwrap();
-        check_python(dir.path(), Budget::default()).unwrap();
+        check(dir.path(), Budget::default()).unwrap();
     }
 
     #[test]
@@ -521,7 +879,7 @@ mod tests {
         )
         .unwrap();
         // Whether `secret` exists out there is never asked.
-        check_python(&build, Budget::default()).unwrap();
+        check(&build, Budget::default()).unwrap();
     }
 
     #[test]
@@ -530,12 +888,12 @@ mod tests {
         let record = build.join("lib/python3.11/site-packages/demo-0.1.dist-info/RECORD");
         std::fs::remove_file(&record).unwrap();
         nix::unistd::mkfifo(&record, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
-        let err = check_python(&build, Budget::default()).unwrap_err();
+        let err = check(&build, Budget::default()).unwrap_err();
         assert!(err.to_string().contains("is a FIFO"), "{err}");
 
         std::fs::remove_file(&record).unwrap();
         std::os::unix::fs::symlink("/etc/passwd", &record).unwrap();
-        let err = check_python(&build, Budget::default()).unwrap_err();
+        let err = check(&build, Budget::default()).unwrap_err();
         assert!(err.to_string().contains("a symbolic link"), "{err}");
 
         std::fs::remove_file(&record).unwrap();
@@ -543,7 +901,7 @@ mod tests {
             .unwrap()
             .set_len(RECORD_MAX_BYTES + 1)
             .unwrap();
-        let err = check_python(&build, Budget::default()).unwrap_err();
+        let err = check(&build, Budget::default()).unwrap_err();
         assert!(err.to_string().contains("is larger than"), "{err}");
     }
 
@@ -554,7 +912,7 @@ mod tests {
             entries: 1,
             ..Budget::default()
         };
-        check_python(&build, budget).unwrap();
+        check(&build, budget).unwrap();
     }
 
     #[test]
@@ -562,7 +920,11 @@ mod tests {
         let (_dir, build) = venv("");
         let root = open_dir(&build).unwrap();
         let site = Path::new("lib/python3.11/site-packages");
-        let exists = |rel: &Path| exists_following_no_link(&root, rel);
+        let exists = |rel: &Path| match find_following_no_link(&root, rel, OFlags::PATH) {
+            Lookup::Yes(_) => Some(true),
+            Lookup::No => Some(false),
+            Lookup::Unknown => None,
+        };
         assert_eq!(exists(&site.join("demo/__init__.py")), Some(true));
         assert_eq!(exists(&site.join("demo/nope.py")), Some(false));
         assert_eq!(exists(&site.join("nodir/nope.py")), Some(false));

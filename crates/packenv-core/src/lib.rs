@@ -10,7 +10,8 @@
 //!   [`build::Switch`] that puts it in service; typed [`build::BuildError`]s.
 //! - [`check`]: the verification checks of a ready environment.
 //! - [`installed`]: whether the files Python installers recorded (`*.dist-info/RECORD`) are
-//!   still on disk, read without running anything of the environment.
+//!   still on disk and still what was installed (their sha256), read without running anything
+//!   of the environment.
 //! - [`runner`]: runs one command under the step supervisor (or, unsupervised, in its own
 //!   process group) with a scrubbed environment, a timeout, and output captured into a
 //!   [`log::CappedLog`].

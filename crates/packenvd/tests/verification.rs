@@ -587,3 +587,127 @@ async fn a_passing_verification_clears_an_error_left_on_a_ready_row(pool: PgPool
         stdout_of(&out)
     );
 }
+
+/// A ready core.python environment of pack `p` built from the local wheel fixture, and the
+/// installed `packenvd_fixture/__init__.py` in its build.
+async fn ready_wheel_env(pool: &PgPool, env: &Env) -> (i64, Row, std::path::PathBuf) {
+    let reqs = wheel_requirements(&env.dir.path().join("wheels"));
+    env.pack_dir("p", &[("requirements.txt", &reqs)]);
+    add_pack(pool, "p").await;
+    let id = request(pool, "p", "core.python").await;
+    env.worker(pool).drain().await.unwrap();
+    let built = row(pool, id).await;
+    assert_eq!(built.status, "ready", "{:?}", built.install_error);
+    let build = Path::new(built.metadata["build_dir"].as_str().unwrap());
+    let module = std::fs::read_dir(build.join("lib"))
+        .unwrap()
+        .map(|e| {
+            e.unwrap()
+                .path()
+                .join("site-packages/packenvd_fixture/__init__.py")
+        })
+        .find(|p| p.exists())
+        .expect("the installed module");
+    (id, built, module)
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn packenvd_verify_names_an_installed_file_with_a_line_appended_and_the_rebuild_restores_it(
+    pool: PgPool,
+) {
+    let env = Env::new(&[]);
+    let (id, built, module) = ready_wheel_env(&pool, &env).await;
+    // Unchanged, it verifies.
+    let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+
+    // One line appended: the file is still there, the interpreter still runs and pip check
+    // still passes. Written as a new file over the old one: appending in place would also
+    // change uv's cache, whose files uv hard-links into builds, and the rebuild would link the
+    // changed file again (the shared-cache half of issue 21, not this check's).
+    let mut text = std::fs::read(&module).unwrap();
+    text.extend_from_slice(b"VERSION = \"tampered\"\n");
+    let new = module.with_extension("new");
+    std::fs::write(&new, text).unwrap();
+    std::fs::rename(&new, &module).unwrap();
+    assert_eq!(python_import(&built), "tampered");
+    let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout_of(&out));
+    assert!(
+        stdout_of(&out).contains(
+            "BROKEN  p core.python: package packenvd-fixture 0.1.0: packenvd_fixture/__init__.py differs from what was installed (sha256 in RECORD "
+        ),
+        "{}",
+        stdout_of(&out)
+    );
+    let r = row(&pool, id).await;
+    assert_eq!(r.status, "outdated");
+    assert!(
+        r.install_error
+            .as_deref()
+            .unwrap_or("")
+            .contains("differs from what was installed"),
+        "{:?}",
+        r.install_error
+    );
+
+    env.worker(&pool).drain().await.unwrap();
+    let rebuilt = row(&pool, id).await;
+    assert_eq!(rebuilt.status, "ready", "{:?}", rebuilt.install_error);
+    assert_ne!(rebuilt.metadata["build_id"], built.metadata["build_id"]);
+    assert_eq!(python_import(&rebuilt), "0.1.0");
+    let out = packenvd(&env, &pool, &["verify", "p", "core.python"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stdout_of(&out));
+}
+
+#[sqlx::test(migrator = "packenvd::store::MIGRATOR")]
+async fn a_record_with_a_malformed_hash_fails_verification_saying_so_and_is_rebuilt(pool: PgPool) {
+    let env = Env::new(&[]);
+    let (id, built, module) = ready_wheel_env(&pool, &env).await;
+    let dist_info = std::fs::read_dir(module.parent().unwrap().parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| {
+            p.file_name()
+                .unwrap()
+                .to_string_lossy()
+                .starts_with("packenvd_fixture-")
+                && p.extension().is_some_and(|e| e == "dist-info")
+        })
+        .expect("the dist-info");
+    let record = dist_info.join("RECORD");
+    let text = std::fs::read_to_string(&record).unwrap();
+    let edited: String = text
+        .lines()
+        .map(|l| match l.strip_prefix("packenvd_fixture/__init__.py,") {
+            Some(rest) => format!(
+                "packenvd_fixture/__init__.py,sha256=???,{}\n",
+                rest.rsplit(',').next().unwrap()
+            ),
+            None => format!("{l}\n"),
+        })
+        .collect();
+    assert_ne!(edited, text);
+    std::fs::write(&record, edited).unwrap();
+    make_stale(&pool).await;
+
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    let reason = found[0].failure.clone().expect("a failure");
+    assert_eq!(
+        reason,
+        "package packenvd-fixture 0.1.0: RECORD lists packenvd_fixture/__init__.py with the malformed hash \"sha256=???\" (not sha256=<43 characters of URL-safe base64>): what was installed cannot be told"
+    );
+    assert_eq!(status_of(&pool, id).await, "outdated");
+
+    env.worker(&pool).drain().await.unwrap();
+    let rebuilt = row(&pool, id).await;
+    assert_eq!(rebuilt.status, "ready", "{:?}", rebuilt.install_error);
+    assert_ne!(rebuilt.metadata["build_id"], built.metadata["build_id"]);
+    make_stale(&pool).await;
+    let found = run_pass(&pool, &env.settings, &Scope::Stale).await.unwrap();
+    assert!(
+        found.len() == 1 && found[0].failure.is_none() && found[0].unchecked.is_none(),
+        "{found:?}"
+    );
+}
