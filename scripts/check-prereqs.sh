@@ -25,6 +25,19 @@ if ((${#missing[@]})); then
     exit 1
 fi
 
+# As root, packenvd runs steps as an unprivileged build id of its own (packenvd-build, else
+# 64900; DESIGN §6), which must be able to run the interpreters found on PATH. pyenv keeps them
+# under root's home, often mode 0700: let others search it (not list it), as an operator of a
+# root daemon must too (docs/operations.md, "The build user").
+if [[ $(id -u) -eq 0 ]] && command -v python3 >/dev/null; then
+    build_id=$(id -u packenvd-build 2>/dev/null || echo 64900)
+    real=$(python3 -c 'import sys; print(sys.executable)')
+    if ! setpriv --reuid="$build_id" --regid="$build_id" --clear-groups -- test -x "$real" 2>/dev/null; then
+        echo "==> steps run as uid $build_id, which cannot run $real: chmod o+x ${HOME:-/root} (search only)" >&2
+        chmod o+x "${HOME:-/root}"
+    fi
+fi
+
 if [[ ${1:-} == --tests ]] && ! command -v uv >/dev/null; then
     tools=$PWD/target/tools
     if [[ ! -x $tools/bin/uv ]]; then

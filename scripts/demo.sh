@@ -19,6 +19,8 @@ fi
 bin=$PWD/target/debug/packenvd
 runner=$PWD/target/debug/examples/run_action
 work=$(mktemp -d -t packenvd-demo.XXXXXXXX)
+# As root the daemon runs steps as an unprivileged build id, which must reach the envs below.
+chmod 755 "$work"
 cleanup() {
     if [[ -z ${PACKENVD_PG_DATA:-} ]]; then
         # Someone else's database: take our demo packs out again (rows cascade).
