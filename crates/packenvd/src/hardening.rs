@@ -86,6 +86,33 @@ fn can_give_files(tmp_root: &std::path::Path, uid: u32, gid: u32) -> Result<(), 
     })
 }
 
+/// Why a step could open a TCP connection to the daemon's database, if it could: the local
+/// socket is covered in every step's namespace, but a TCP port is closed to steps only by
+/// Landlock (ABI 4) and only when `step_tcp_ports` leaves it out.
+fn database_reachable_over_tcp(
+    settings: &crate::config::Settings,
+    sandbox: &packenv_core::target::SandboxConfig,
+    abi: Option<u32>,
+) -> Option<String> {
+    let options: sqlx::postgres::PgConnectOptions = settings.database_url.expose().parse().ok()?;
+    if options.get_socket().is_some() {
+        return None;
+    }
+    let (host, port) = (options.get_host(), options.get_port());
+    let why = if sandbox.landlock == packenv_core::supervise::LandlockMode::Off
+        || abi.is_some_and(|a| a < 4)
+    {
+        "Landlock does not limit their TCP connects here"
+    } else if sandbox.tcp_ports.as_ref().is_none_or(|p| p.contains(&port)) {
+        "step_tcp_ports lets them"
+    } else {
+        return None;
+    };
+    Some(format!(
+        "steps may connect to the database at {host}:{port} over TCP ({why}): only its password keeps them out; connect through the local socket, which steps cannot reach, or keep port {port} out of step_tcp_ports"
+    ))
+}
+
 /// What protects the host from the steps of this daemon, found out at start-up.
 #[derive(Debug, Clone)]
 pub struct Protections {
@@ -212,6 +239,9 @@ impl Protections {
                 ))
             }
             (LandlockMode::BestEffort, false) => p.missing.push(format!("{landlock}: {shortfall}")),
+        }
+        if let Some(why) = database_reachable_over_tcp(settings, &sandbox, probed.abi) {
+            p.missing.push(why);
         }
         Ok(p)
     }

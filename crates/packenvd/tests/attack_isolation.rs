@@ -413,3 +413,38 @@ async fn an_unprivileged_daemons_steps_cannot_signal_it(pool: PgPool) {
         "the daemon died"
     );
 }
+
+#[tokio::test]
+async fn the_start_up_line_warns_when_steps_could_reach_the_database_over_tcp() {
+    let warning = |url: &str| {
+        let mut env = Env::new(&[]);
+        env.settings.database_url = packenvd::config::Secret::new(url);
+        async move {
+            // The whole Env, not only its settings: its directories hold the supervisor.
+            let env = env;
+            let p = packenvd::hardening::Protections::detect(&env.settings)
+                .await
+                .expect("protections");
+            p.missing
+                .into_iter()
+                .find(|m| m.contains("connect to the database"))
+        }
+    };
+    let open = warning("postgres://packenvd:pw@db.example:443/packenvd")
+        .await
+        .expect("port 443 is in step_tcp_ports");
+    assert!(
+        open.contains("db.example:443") && open.contains("step_tcp_ports lets them"),
+        "{open}"
+    );
+    assert_eq!(
+        warning("postgres://packenvd:pw@db.example:5432/packenvd").await,
+        None,
+        "Landlock keeps steps off port 5432"
+    );
+    assert_eq!(
+        warning("postgres://packenvd@/packenvd?host=/run/postgresql").await,
+        None,
+        "the socket is covered in every step's namespace"
+    );
+}
