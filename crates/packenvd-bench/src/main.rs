@@ -190,14 +190,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let cluster = pg::Cluster::connect(&args.database_url).await?;
+    let scratch = tempfile::Builder::new()
+        .prefix("packenvd-bench-")
+        .tempdir()
+        .context("scratch directory")?;
+    // A daemon running as root starts its step supervisor (itself) as an unprivileged build
+    // id, which may not reach a binary inside the checkout (a private directory on its path):
+    // the daemons run a copy that every user can reach.
+    let packenvd_exe = {
+        let copy = scratch.path().join("packenvd");
+        std::fs::copy(&packenvd_exe, &copy)
+            .with_context(|| format!("cannot copy {}", packenvd_exe.display()))?;
+        copy
+    };
     let ctx = Ctx {
         cluster,
         packenvd_exe,
         peer_exe,
-        scratch: tempfile::Builder::new()
-            .prefix("packenvd-bench-")
-            .tempdir()
-            .context("scratch directory")?,
+        scratch,
         count_statements: args.count_statements,
     };
     let mut m = Measured {

@@ -168,7 +168,8 @@ impl Protections {
                 if sandbox.user.is_some() && e.kind() == std::io::ErrorKind::PermissionDenied =>
             {
                 return Err(format!(
-                    "build_user is set, but this daemon may not switch to it ({e}): {BUILD_USER_NEEDS}"
+                    "cannot start the step supervisor {:?} as the build user ({e}): either this daemon may not switch to that user ({BUILD_USER_NEEDS}), or that user cannot reach the program (every directory on its path must be searchable by it; install packenvd where every user can run it, e.g. /usr/local/bin, or set step_supervisor to such a copy)",
+                    sandbox.supervisor[0]
                 ))
             }
             Ok(Err(e)) => {

@@ -201,7 +201,7 @@ async fn a_daemon_that_may_not_switch_to_or_chown_for_the_build_user_refuses_to_
     let build_user = format!("{BUILD_UID}:{BUILD_UID}");
     let vars = [("PACKENVD_BUILD_USER", build_user.as_str())];
     for (caps, missing) in [
-        ("", "may not switch to it"),
+        ("", "may not switch to that user"),
         ("+setuid,+setgid", "may not give files to it"),
     ] {
         let mut d = Daemon::spawn_with_caps(&env, &url, "a", DAEMON_UID, caps, &vars);
