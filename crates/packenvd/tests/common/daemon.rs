@@ -30,6 +30,8 @@ fn with_settings<'a>(
         .env("PACKENVD_CACHE_DIR", &s.cache_dir)
         .env("PACKENVD_INSTANCE_NAME", name)
         .env("PACKENVD_STEP_WRITABLE", env.scratch())
+        // The supervisor where the build user can reach it, wherever the checkout is.
+        .env("PACKENVD_STEP_SUPERVISOR", reachable_binary(env))
 }
 
 /// `packenvd` (no command yet) as the unprivileged user `uid`, without supplementary groups,
