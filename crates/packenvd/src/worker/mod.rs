@@ -346,9 +346,23 @@ impl Worker {
         'daemon: loop {
             health.loop_turned();
             notifier.watchdog();
-            let step = tokio::select! {
-                () = shutdown.stop.cancelled() => break 'daemon,
-                step = self.step(&mut builds) => step,
+            if shutdown.stop.is_cancelled() {
+                break 'daemon;
+            }
+            // A turn that has begun is finished, however soon the stop comes: dropped between
+            // its claim's commit and the start of its builds, its rows would stay `installing`
+            // with nobody building them until their lease ran out. Bounded, so a database that
+            // stops answering mid-claim cannot hold the shutdown (the lease covers that case).
+            let step = {
+                let turn = self.step(&mut builds);
+                tokio::pin!(turn);
+                tokio::select! {
+                    step = &mut turn => step,
+                    () = shutdown.stop.cancelled() => {
+                        let _ = tokio::time::timeout(STOPPING_TURN, turn).await;
+                        break 'daemon;
+                    }
+                }
             };
             match step {
                 Ok(Step::Claimed(_)) | Ok(Step::Idle) => {
@@ -567,5 +581,8 @@ mod answer;
 mod refused;
 mod write_back;
 use answer::{Answering, ANSWER_LANE, DEFERRED_MAX};
+
+/// How long a claim turn under way may still take once the daemon is told to stop.
+const STOPPING_TURN: Duration = Duration::from_secs(5);
 pub use write_back::backoff;
 use write_back::failure;
