@@ -80,7 +80,8 @@ pub struct SandboxConfig {
     /// The supervisor's program and first arguments: `packenvd __supervise`.
     pub supervisor: Vec<OsString>,
     pub landlock: LandlockMode,
-    /// The build user `(uid, gid)` steps run as; `None` runs them as the daemon's user.
+    /// The build user `(uid, gid)` steps run as; `None` runs them as the daemon's user (never
+    /// for a root daemon: its settings always name one).
     pub user: Option<(u32, u32)>,
     /// Per-step limits: address space, processes of the step's user, file size (bytes).
     pub memory: Option<u64>,

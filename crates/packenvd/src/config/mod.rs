@@ -189,7 +189,8 @@ settings! {
     /// Variables of the daemon that installer steps may see, besides PATH and LANG (HOME and
     /// TMPDIR are private to each build): proxies, package indexes, CA bundles.
     env_passthrough: Vec<String> = DEFAULT_PASSTHROUGH.iter().map(|s| s.to_string()).collect(); Live; passthrough;
-    /// The user installer steps run as: a name or uid:gid; "" runs them as the daemon's user.
+    /// The user installer steps run as: a name or uid:gid; "" runs them as the daemon's user,
+    /// or, for a daemon running as root, as packenvd-build (else uid 64900): never as root.
     /// A separate user keeps steps away from the daemon's files and database login; the daemon
     /// then needs CAP_SETUID, CAP_SETGID and CAP_CHOWN (see deploy/packenvd.service).
     build_user: Option<BuildUser> = None; Restart; ok;
